@@ -1,0 +1,69 @@
+"""Creates a listening Unix socket safely: stale files replaced, live servers left alone."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import socket
+import stat
+from pathlib import Path
+
+from agent.errors import ConfigError, SocketInUse
+
+
+def clear_stale_socket(path: Path) -> None:
+    """Removes ``path`` if it is a socket nobody answers on; refuses anything else."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            f"{path} exists and is not a socket",
+            "remove it or choose another socket path",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(
+        f"{path} is in use by a running server",
+        "stop the other instance or choose another socket path",
+    )
+
+
+def bind_unix_listener(path: Path, *, mode: int, group: int | None = None,
+                       backlog: int = 512) -> socket.socket:
+    """Binds a listening socket at ``path`` with ``mode`` (and group) already applied.
+
+    The socket is bound under a temporary name, given its mode, then renamed into place, so
+    no client ever sees it with looser permissions than asked.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    clear_stale_socket(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, mode)
+        if group is not None:
+            os.chown(tmp, -1, group)
+        sock.listen(backlog)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    sock.setblocking(False)
+    return sock
