@@ -1,0 +1,222 @@
+"""The spiffe-delegate command line: run, dev-spire, version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from agent.cliopts import OneLineParser, Option, add_options, repeatable_values
+from agent.config import (
+    DEFAULT_SDS_SOCKET,
+    DEFAULT_SPIRE_ADMIN_SOCKET,
+    AgentSettings,
+    HostPort,
+    ReconnectSettings,
+    byte_size,
+    parse_host_port,
+    positive_duration,
+)
+from agent.errors import SpiffeDelegateError
+from agent.logs import configure_logging
+
+ENV_PREFIX = "SPIFFE_DELEGATE_"
+DEV_SPIRE_ENV_PREFIX = "SPIFFE_DELEGATE_DEV_SPIRE_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal file mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{text!r} is not a file mode between 0000 and 0777")
+    return mode
+
+
+def _trust_domain(text: str) -> str:
+    name = text.removeprefix("spiffe://")
+    if not name or "/" in name or name.lower() != name:
+        raise ValueError(f"{text!r} is not a trust domain name such as example.org")
+    return name
+
+
+def _spiffe_id(text: str) -> str:
+    if not text.startswith("spiffe://") or len(text.removeprefix("spiffe://")) == 0:
+        raise ValueError(f"{text!r} is not a SPIFFE ID such as spiffe://example.org/agent")
+    return text
+
+
+LOGGING_OPTIONS = (
+    Option("--log-format", "log line format", default="text", choices=("text", "json")),
+    Option("--log-level", "least severe level logged", default="info", choices=LOG_LEVELS,
+           convert=str.lower),
+)
+
+RUN_OPTIONS = (
+    Option("--spire-admin-socket", "the SPIRE agent's admin socket (admin_socket_path)",
+           convert=Path, default=Path(DEFAULT_SPIRE_ADMIN_SOCKET), metavar="PATH"),
+    Option("--sds-socket", "Unix socket on which Envoy's SDS is served", convert=Path,
+           default=Path(DEFAULT_SDS_SOCKET), metavar="PATH"),
+    Option("--health-address", "where /healthz and /readyz are served",
+           convert=parse_host_port, default=HostPort("127.0.0.1", 8086), metavar="HOST:PORT"),
+    Option("--metrics-address", "where Prometheus /metrics is served",
+           convert=parse_host_port, default=HostPort("127.0.0.1", 9086), metavar="HOST:PORT"),
+    Option("--trust-domain", "trust domain to assume before SPIRE says (names ROOTCA)",
+           convert=_trust_domain, metavar="TD"),
+    Option("--reconnect-initial", "first back-off delay after losing SPIRE",
+           convert=positive_duration, default=0.1, shown="100ms", metavar="DUR"),
+    Option("--reconnect-max", "longest back-off delay", convert=positive_duration,
+           default=30.0, shown="30s", metavar="DUR"),
+    Option("--reconnect-reset-after", "a stream healthy this long resets the back-off",
+           convert=positive_duration, default=30.0, shown="30s", metavar="DUR"),
+    Option("--spire-max-message-size", "largest gRPC message accepted from SPIRE",
+           convert=byte_size, default=64 * 1024 * 1024, shown="64MiB", metavar="BYTES"),
+    *LOGGING_OPTIONS,
+)
+
+DEV_SPIRE_OPTIONS = (
+    Option("--socket", "Unix socket to serve the Delegated Identity API on", convert=Path,
+           required=True, metavar="PATH"),
+    Option("--trust-domain", "trust domain of the CA", convert=_trust_domain,
+           default="example.org", metavar="TD"),
+    Option("--entries", "registration entries, in spire-server entry create -data JSON",
+           convert=Path, required=True, metavar="FILE"),
+    Option("--pods", "pods file standing in for the kubelet (namespaces, accounts, labels)",
+           convert=Path, metavar="FILE"),
+    Option("--authorized-delegate", "SPIFFE ID allowed to use the API (repeatable)",
+           convert=_spiffe_id, repeatable=True, metavar="SPIFFEID"),
+    Option("--svid-ttl", "X.509-SVID lifetime (rotated at half)", convert=positive_duration,
+           default=3600.0, shown="1h", metavar="DUR"),
+    Option("--jwt-svid-ttl", "JWT-SVID lifetime", convert=positive_duration,
+           default=300.0, shown="5m", metavar="DUR"),
+    Option("--ca-ttl", "CA lifetime (rotated with overlapping bundles)",
+           convert=positive_duration, default=86400.0, shown="24h", metavar="DUR"),
+    Option("--faults", "fault-injection file for tests (JSON, reloaded on change)",
+           convert=Path, metavar="FILE"),
+    Option("--reload-interval", "how often entry, pod and fault files are checked",
+           convert=positive_duration, default=1.0, shown="1s", metavar="DUR"),
+    Option("--socket-mode", "file mode of the socket", convert=_octal_mode,
+           default=0o770, shown="0770", metavar="MODE"),
+    Option("--proc-root", "where /proc is (tests point this at a synthetic tree)",
+           convert=Path, default=Path("/proc"), metavar="PATH"),
+    *LOGGING_OPTIONS,
+)
+
+
+def _package_version() -> str:
+    try:
+        return version("spiffe-delegate")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="spiffe-delegate",
+        description="Gives a node-local proxy its SPIFFE identity from SPIRE's Delegated "
+        "Identity API, served to Envoy over SDS.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=OneLineParser)
+    run = commands.add_parser("run", help="run the node agent",
+                              description="Run the node agent.")
+    add_options(run, RUN_OPTIONS, ENV_PREFIX)
+    dev = commands.add_parser(
+        "dev-spire", help="run the SPIRE-compatible development server",
+        description="A SPIRE-agent-compatible Delegated Identity API server for development "
+        "and tests. Production uses SPIRE.")
+    add_options(dev, DEV_SPIRE_OPTIONS, DEV_SPIRE_ENV_PREFIX)
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def agent_settings(args: argparse.Namespace) -> AgentSettings:
+    if args.reconnect_initial > args.reconnect_max:
+        raise SpiffeDelegateError(
+            "--reconnect-initial is larger than --reconnect-max",
+            "make the initial back-off no longer than the maximum")
+    return AgentSettings(
+        spire_admin_socket=args.spire_admin_socket,
+        sds_socket=args.sds_socket,
+        health_address=args.health_address,
+        metrics_address=args.metrics_address,
+        trust_domain=args.trust_domain,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        reconnect=ReconnectSettings(args.reconnect_initial, args.reconnect_max,
+                                    args.reconnect_reset_after),
+        spire_max_message_bytes=args.spire_max_message_size,
+    )
+
+
+async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await body(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from agent.runner import run_agent
+
+    settings = agent_settings(args)
+    asyncio.run(_until_signalled(lambda stop: run_agent(settings, stop)))
+
+
+def _dev_spire(args: argparse.Namespace) -> None:
+    from agent.devspire.server import DevSpireSettings, serve_dev_spire
+
+    settings = DevSpireSettings(
+        socket_path=args.socket,
+        trust_domain=args.trust_domain,
+        entries_path=args.entries,
+        pods_path=args.pods,
+        authorized_delegates=tuple(repeatable_values(args, "authorized_delegate")),
+        svid_ttl=args.svid_ttl,
+        ca_ttl=args.ca_ttl,
+        jwt_svid_ttl=args.jwt_svid_ttl,
+        proc_root=args.proc_root,
+        reload_interval=args.reload_interval,
+        faults_path=args.faults,
+        socket_mode=args.socket_mode,
+    )
+    asyncio.run(_until_signalled(lambda stop: serve_dev_spire(settings, stop)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(f"spiffe-delegate {_package_version()}")
+        return 0
+    configure_logging(args.log_level, args.log_format)
+    try:
+        if args.command == "run":
+            _run(args)
+        elif args.command == "dev-spire":
+            _dev_spire(args)
+    except SpiffeDelegateError as exc:
+        logging.getLogger("spiffe_delegate").error("%s", exc)
+        print(f"spiffe-delegate {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
