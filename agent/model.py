@@ -67,7 +67,8 @@ class Selector:
         """Parses ``type:value`` (the value may itself contain colons)."""
         kind, sep, value = text.partition(":")
         if not sep or not kind or not value:
-            raise ValueError(f"selector {text!r} is not of the form type:value, e.g. k8s:ns:default")
+            raise ValueError(
+                f"selector {text!r} is not of the form type:value, e.g. k8s:ns:default")
         return cls(kind, value)
 
     def __str__(self) -> str:

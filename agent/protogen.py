@@ -40,9 +40,13 @@ def _generate(into: Path) -> None:
     (into / "__init__.py").write_text('"""Generated from protos/ by python -m agent.protogen."""\n')
 
 
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
 def _same_tree(a: Path, b: Path) -> bool:
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files_a, files_b = _files(a), _files(b)
     if files_a != files_b:
         return False
     return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
