@@ -98,6 +98,10 @@ class PeerCredentialRelay:
                 await asyncio.gather(*pumps, return_exceptions=True)
         except (OSError, asyncio.IncompleteReadError) as exc:
             _LOG.debug("relayed connection ended: %s", exc)
+        except asyncio.CancelledError:
+            # Only close() cancels these; ending quietly keeps asyncio's stream callback from
+            # reporting the cancellation as an error (Python 3.11 does).
+            pass
         finally:
             self._peers.pop(name, None)
             for w in (writer, inner_writer):
