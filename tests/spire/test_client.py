@@ -243,6 +243,23 @@ async def test_receives_messages_over_4mb(
     assert bundles.bundles == {"spiffe://example.org": big, "spiffe://other.org": b"{}"}
 
 
+async def test_grpc_default_limit_would_have_failed(
+    spire_server: SpireServer, socket_path: Path
+) -> None:
+    big = b"x" * (5 * 1024 * 1024)
+    spire = await spire_server.start()
+    spire.scripts.jwt_bundles.extend(
+        [[pb.SubscribeToJWTBundlesResponse(bundles={"spiffe://example.org": big})]] * 2)
+    policy = BackoffPolicy(initial=0.001, maximum=0.005, max_attempts=2)
+    async with DelegatedIdentityClient(
+        socket_path, backoff=policy, max_receive_message_bytes=4 * 1024 * 1024
+    ) as client:
+        with pytest.raises(SpireCallFailed) as caught:
+            await next_item(client.subscribe_jwt_bundles())
+    assert caught.value.code_name == "RESOURCE_EXHAUSTED"
+    assert "receive limit" in str(caught.value)
+
+
 async def test_x509_bundles_are_split_into_certificates(
     spire_server: SpireServer, client: DelegatedIdentityClient, ca: Ca
 ) -> None:
