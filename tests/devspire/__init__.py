@@ -1,0 +1,1 @@
+"""Tests of dev-spire, the SPIRE-agent-compatible development server."""
