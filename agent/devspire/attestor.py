@@ -3,8 +3,9 @@
 Selectors dev-spire produces (each ``type:value``):
 
 unix plugin (fails when /proc/<pid>/status cannot be read, e.g. the process is gone):
-  unix:uid:<real uid>            unix:user:<name>   (when the uid resolves in the passwd db)
-  unix:gid:<real gid>            unix:group:<name>  (when the gid resolves in the group db)
+  unix:uid:<uid>                 unix:user:<name>   (when the uid resolves in the passwd db)
+  unix:gid:<gid>                 unix:group:<name>  (when the gid resolves in the group db)
+  (the EFFECTIVE ids, as SPIRE's unix plugin takes them: the 2nd field of Uid:/Gid:)
   unix:supplementary_gid:<gid>   unix:supplementary_group:<name>   (from the Groups: line)
   unix:path:<exe path>           (the /proc/<pid>/exe link, when readable)
 
@@ -194,7 +195,11 @@ class Attestor:
             key, _, value = line.partition(":")
             fields[key] = value.split()
         try:
-            uid, gid = int(fields["Uid"][0]), int(fields["Gid"][0])
+            # SPIRE takes the second of gopsutil's [real, effective, ...] ids when there are
+            # several, i.e. the effective uid and gid.
+            uids, gids = fields["Uid"], fields["Gid"]
+            uid = int(uids[1] if len(uids) > 1 else uids[0])
+            gid = int(gids[1] if len(gids) > 1 else gids[0])
         except (KeyError, IndexError, ValueError):
             raise OSError(f"/proc/{pid}/status has no usable Uid/Gid lines") from None
         out = {Selector("unix", f"uid:{uid}"), Selector("unix", f"gid:{gid}")}

@@ -126,15 +126,18 @@ def test_mountinfo_fallback_skips_root_mounts() -> None:
 
 # --- the whole attestor over a synthetic /proc --------------------------------------------
 
-def make_proc(root: Path, pid: int, *, uid: int = 1000, gid: int = 1000, groups: str = "",
+def make_proc(root: Path, pid: int, *, uid: int = 1000, gid: int = 1000, real_uid: int = -1,
+              real_gid: int = -1, groups: str = "",
               cgroup: str | None = "0::/user.slice\n", exe: str | None = "/usr/bin/app",
               status: bool = True) -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
-    if status:
+    ruid = uid if real_uid < 0 else real_uid
+    rgid = gid if real_gid < 0 else real_gid
+    if status:  # Uid:/Gid: list real, effective, saved set and filesystem ids
         (d / "status").write_text(
-            f"Name:\tapp\nUid:\t{uid}\t{uid + 1}\t{uid}\t{uid}\n"
-            f"Gid:\t{gid}\t{gid + 1}\t{gid}\t{gid}\nGroups:\t{groups}\n")
+            f"Name:\tapp\nUid:\t{ruid}\t{uid}\t{uid}\t{uid}\n"
+            f"Gid:\t{rgid}\t{gid}\t{gid}\t{gid}\nGroups:\t{groups}\n")
     if cgroup is not None:
         (d / "cgroup").write_text(cgroup)
     if exe is not None:
@@ -145,12 +148,12 @@ def strs(selectors: frozenset[Selector]) -> set[str]:
     return {str(s) for s in selectors}
 
 
-def test_unix_selectors_use_real_ids(tmp_path: Path) -> None:
-    make_proc(tmp_path, 42, uid=0, gid=0, groups="0 4242")
+def test_unix_selectors_use_effective_ids_like_spire(tmp_path: Path) -> None:
+    make_proc(tmp_path, 42, uid=0, gid=0, real_uid=1234, real_gid=5678, groups="0 4242")
     got = strs(Attestor(tmp_path).attest(42).selectors)
     assert {"unix:uid:0", "unix:gid:0", "unix:user:root", "unix:group:root",
             "unix:supplementary_gid:4242", "unix:path:/usr/bin/app"} <= got
-    assert "unix:uid:1" not in got  # the effective uid is not used
+    assert "unix:uid:1234" not in got and "unix:gid:5678" not in got
 
 
 def test_unresolvable_names_are_left_out(tmp_path: Path) -> None:
@@ -218,6 +221,6 @@ def test_k8s_failure_keeps_unix_selectors(tmp_path: Path) -> None:
 
 def test_real_proc_self() -> None:
     got = strs(Attestor().attest(os.getpid()).selectors)
-    assert f"unix:uid:{os.getuid()}" in got
-    assert f"unix:gid:{os.getgid()}" in got
+    assert f"unix:uid:{os.geteuid()}" in got
+    assert f"unix:gid:{os.getegid()}" in got
     assert f"unix:path:{os.path.realpath('/proc/self/exe')}" in got

@@ -53,18 +53,23 @@ def leaf(item: pb.X509SVIDWithKey) -> x509.Certificate:
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A process running as uid 65534, to be attested by PID."""
-    proc = subprocess.Popen(["sleep", "60"],
-                            user=NOBODY, group=NOBODY)
+    """A process with effective uid/gid 65534 and real uid/gid 4321, to be attested by PID."""
+
+    def drop() -> None:
+        os.setresgid(4321, NOBODY, NOBODY)
+        os.setresuid(4321, NOBODY, NOBODY)
+
+    proc = subprocess.Popen(["sleep", "60"], preexec_fn=drop)
     yield proc
     proc.kill()
     proc.wait()
 
 
-async def test_pid_subscription_gets_the_entry_matching_the_real_uid(
+async def test_pid_subscription_gets_the_entry_matching_its_uid(
         make_harness: MakeHarness, sleeper: subprocess.Popen[bytes]) -> None:
+    # SPIRE's unix plugin uses the effective uid; the real one (4321) matches nothing.
     h = await make_harness([entry(WEB, f"unix:uid:{NOBODY}", hint="web-hint"),
-                            entry(API, "unix:uid:12345")])
+                            entry(API, "unix:uid:4321")])
     call = h.x509(pid=sleeper.pid)
     resp = await read(call)
     assert ids(resp) == [WEB]
