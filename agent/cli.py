@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cliopts import OneLineParser, Option, add_options, repeatable_values
 from agent.config import (
@@ -26,6 +26,12 @@ from agent.config import (
 )
 from agent.errors import SpiffeDelegateError
 from agent.logs import configure_logging
+
+if TYPE_CHECKING:
+    from agent.devspire.server import DevSpireSettings
+
+if TYPE_CHECKING:
+    from agent.devspire.server import DevSpireSettings
 
 ENV_PREFIX = "SPIFFE_DELEGATE_"
 DEV_SPIRE_ENV_PREFIX = "SPIFFE_DELEGATE_DEV_SPIRE_"
@@ -170,31 +176,38 @@ async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, N
                 loop.remove_signal_handler(sig)
 
 
-def _run(args: argparse.Namespace) -> None:
-    from agent.runner import run_agent
-
-    settings = agent_settings(args)
-    asyncio.run(_until_signalled(lambda stop: run_agent(settings, stop)))
-
-
-def _dev_spire(args: argparse.Namespace) -> None:
-    from agent.devspire.server import DevSpireSettings, serve_dev_spire
+def dev_spire_settings(args: argparse.Namespace) -> DevSpireSettings:
+    from agent.devspire.server import DevSpireSettings
 
     settings = DevSpireSettings(
-        socket_path=args.socket,
+        socket_path=str(args.socket),
         trust_domain=args.trust_domain,
-        entries_path=args.entries,
-        pods_path=args.pods,
+        entries_path=str(args.entries),
+        pods_path=str(args.pods) if args.pods else None,
         authorized_delegates=tuple(repeatable_values(args, "authorized_delegate")),
         svid_ttl=args.svid_ttl,
         ca_ttl=args.ca_ttl,
         jwt_svid_ttl=args.jwt_svid_ttl,
-        proc_root=args.proc_root,
+        proc_root=str(args.proc_root),
         reload_interval=args.reload_interval,
-        faults_path=args.faults,
+        faults_path=str(args.faults) if args.faults else None,
         socket_mode=args.socket_mode,
     )
-    asyncio.run(_until_signalled(lambda stop: serve_dev_spire(settings, stop)))
+    settings.validate()
+    return settings
+
+
+def _command(args: argparse.Namespace) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """Checks the settings of the command and returns its body."""
+    if args.command == "run":
+        from agent.runner import run_agent
+
+        agent = agent_settings(args)
+        return lambda stop: run_agent(agent, stop)
+    from agent.devspire.server import serve_dev_spire
+
+    dev = dev_spire_settings(args)
+    return lambda stop: serve_dev_spire(dev, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,20 +216,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"spiffe-delegate {_package_version()}")
         return 0
+    try:
+        body = _command(args)
+    except SpiffeDelegateError as exc:
+        print(f"spiffe-delegate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(args.log_level, args.log_format)
     try:
-        if args.command == "run":
-            _run(args)
-        elif args.command == "dev-spire":
-            _dev_spire(args)
+        asyncio.run(_until_signalled(body))
     except SpiffeDelegateError as exc:
         logging.getLogger("spiffe_delegate").error("%s", exc)
-        print(f"spiffe-delegate {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
