@@ -53,29 +53,31 @@ class OwnIdentityFollower:
         self._pid = pid
         self.gate = SvidGate(label="spiffe-delegate's own identity")
         self.changed = asyncio.Event()
-        self._in_use: tuple[bytes, ...] | None = None
+        self._in_use: tuple[bytes, ...] = ()
 
-    def _accepted(self, update: X509SvidUpdate, from_spire_svids: bool) -> None:
-        """Logs the SVIDs in use when they change (and an empty answer from SPIRE once)."""
-        serials = tuple(svid.cert_chain[0] for svid in update.svids)
-        if serials == self._in_use and not (from_spire_svids and not serials):
+    def _accepted(self, update: X509SvidUpdate) -> None:
+        """Logs the SVIDs in use whenever they change."""
+        in_use = tuple(svid.cert_chain[0] for svid in update.svids)
+        if in_use == self._in_use:
             return
-        if not serials and from_spire_svids and self._in_use != ():
-            _LOG.warning("SPIRE has no X.509-SVID for spiffe-delegate itself (pid %d): "
-                         "register an entry matching this process", self._pid)
-        self._in_use = serials
+        self._in_use = in_use
         for line in describe_update(update, datetime.now(UTC)):
             _LOG.info("X.509-SVID in use: %s", line)
         self.changed.set()
 
     async def follow_svids(self) -> None:
+        empty_reported = False
         async for update in self._client.subscribe_x509_svids(pid=self._pid):
-            self._accepted(self.gate.update_svids(update), from_spire_svids=True)
+            if not update.svids and not empty_reported:
+                _LOG.warning("SPIRE has no X.509-SVID for spiffe-delegate itself (pid %d): "
+                             "register an entry matching this process", self._pid)
+            empty_reported = not update.svids
+            self._accepted(self.gate.update_svids(update))
 
     async def follow_bundles(self) -> None:
         async for bundles in self._client.subscribe_x509_bundles():
             _LOG.info("X.509 bundles: %s", describe_bundles(bundles))
-            self._accepted(self.gate.update_bundles(bundles), from_spire_svids=False)
+            self._accepted(self.gate.update_bundles(bundles))
 
     async def follow_jwt_bundles(self) -> None:
         async for bundles in self._client.subscribe_jwt_bundles():

@@ -153,3 +153,24 @@ async def test_injected_bad_svid_rejected_previous_kept(spire: Spire,
     await spire.dev.rotate_now(WORKLOAD)  # the next, healthy rotation is taken again
     healed = gate.update_svids(await next_of(svids))
     assert serial(healed, WORKLOAD) not in (good_serial,)
+
+
+async def test_jwt_svid_verifies_against_jwt_bundle(spire: Spire,
+                                                    client: DelegatedIdentityClient) -> None:
+    import json
+
+    import jwt
+
+    await spire.set_entries(selector_entry(WORKLOAD, f"unix:uid:{os.getuid()}"))
+    svids = await client.fetch_jwt_svids(["registry"], pid=os.getpid())
+    [svid] = [s for s in svids if s.spiffe_id == WORKLOAD]
+    bundles = await next_of(client.subscribe_jwt_bundles())
+    jwks = json.loads(bundles.bundles[f"spiffe://{TD}"])
+    kid = jwt.get_unverified_header(svid.token)["kid"]
+    [key] = [k for k in jwks["keys"] if k["kid"] == kid]
+    claims = jwt.decode(svid.token, jwt.PyJWK(key).key, algorithms=["ES256"],
+                        audience="registry")
+    assert claims["sub"] == WORKLOAD
+    assert claims["exp"] == svid.expires_at
+    with pytest.raises(SpirePermissionDenied, match="no identity issued"):
+        await client.fetch_jwt_svids(["registry"], selectors=[Selector("k8s", "ns:none")])
