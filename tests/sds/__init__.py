@@ -1,0 +1,1 @@
+"""Tests of the SDS resources and the real-Envoy harness."""
