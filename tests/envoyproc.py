@@ -3,15 +3,19 @@
 Usage (sync)::
 
     with EnvoyProcess(sds_bootstrap(sock, tls_certificates=["default"]), tmp_path) as envoy:
-        envoy.wait_until(lambda: envoy.counter("sds.default.update_success") > 0)
-        print(envoy.certs())
+        envoy.wait_until(lambda e: e.sds_counter("default", "update_success") > 0)
+        print(envoy.certs().chain_serials, envoy.stats()["sds.default.update_rejected"])
 
 Usage (async, when the SDS server runs on the same event loop: never block it)::
 
     envoy = EnvoyProcess(config, tmp_path)
     await envoy.astart()
-    await envoy.await_until(lambda s: s.counter(...) > 0)   # admin calls run in a thread
+    await envoy.await_until(lambda e: e.counter(...) > 0)   # admin calls run in a thread
+    certs = await envoy.acall(envoy.certs)
     envoy.stop()
+
+In pytest, import ``envoy_factory`` into a conftest.py: every Envoy it makes is stopped at
+teardown. The binary is the real one (``envoy_binary()``), so ``user=`` works too.
 
 Every failure message ends with the tail of Envoy's log.
 """
@@ -29,6 +33,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -172,9 +177,11 @@ class EnvoyProcess:
 
     ``config``: a bootstrap as a dict (written as JSON), YAML text, or a path.
     ``workdir``: where the config, the admin address file and ``envoy.log`` go (created).
-    ``user``/``group``: run as that uid/gid (the workdir is handed over to it); use the
-    real binary for this, not the venv wrapper. ``preexec_fn`` runs in the child before
-    exec (e.g. to join a cgroup). ``wait_ready`` waits for ``/ready`` to say LIVE.
+    ``user``/``group``: run as that uid/gid (group defaults to the uid's number; no
+    supplementary groups; the workdir is handed over to it, and it and its parents must be
+    reachable by that uid). This needs the real binary, not the venv wrapper.
+    ``preexec_fn`` runs in the child before exec (e.g. to join a cgroup); ``cwd`` defaults
+    to ``workdir``; ``extra_args`` go on Envoy's command line.
     """
 
     config: Path | str | Mapping[str, Any]
@@ -228,12 +235,16 @@ class EnvoyProcess:
             self.process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=str(self.cwd or self.workdir), env=dict(self.env) if self.env else None,
-                user=self.user, group=self.group,
+                user=self.user, group=self._gid(),
                 extra_groups=[] if self.user is not None else None,
                 preexec_fn=self.preexec_fn, start_new_session=True)
 
+    def _gid(self) -> int | None:
+        """The group to run as: ``group``, else the uid's number (as ``setpriv --regid``)."""
+        return self.group if self.group is not None else self.user
+
     def _hand_over(self, config_path: Path) -> None:
-        gid = self.group if self.group is not None else self.user
+        gid = self._gid()
         for path in (self.workdir, config_path):
             os.chown(path, self.user if self.user is not None else -1,
                      gid if gid is not None else -1)
@@ -383,13 +394,15 @@ class EnvoyProcess:
         document: dict[str, Any] = json.loads(text)
         return document
 
-    def secrets_dump(self) -> list[dict[str, Any]]:
-        """The ``SecretsConfigDump`` section: dynamic active/warming secrets as Envoy holds them
-        (private keys are redacted by Envoy)."""
+    def active_secrets(self) -> dict[str, dict[str, Any]]:
+        """Name -> Secret (as JSON) of the dynamic secrets Envoy has accepted; Envoy redacts
+        private keys in this dump."""
+        out: dict[str, dict[str, Any]] = {}
         for config in self.config_dump().get("configs", []):
             if config.get("@type", "").endswith("SecretsConfigDump"):
-                return [config]
-        return []
+                for entry in config.get("dynamic_active_secrets", []):
+                    out[entry["name"]] = entry.get("secret", {})
+        return out
 
     # --- waiting ---
 
@@ -545,13 +558,21 @@ def envoy_factory(tmp_path: Path) -> Iterator[Callable[..., EnvoyProcess]]:
     Import it into a ``conftest.py`` to use it (``from tests.envoyproc import envoy_factory``).
     """
     made: list[EnvoyProcess] = []
+    scratch: list[Path] = []
 
     def make(config: Path | str | Mapping[str, Any], **kwargs: Any) -> EnvoyProcess:
-        workdir = kwargs.pop("workdir", None) or tmp_path / f"envoy-{next(_counter)}"
-        envoy = EnvoyProcess(config, Path(workdir), **kwargs)
+        workdir = kwargs.pop("workdir", None)
+        if workdir is None and kwargs.get("user") is not None:
+            # pytest's tmp_path sits under a 0700 directory another uid cannot traverse.
+            workdir = Path(tempfile.mkdtemp(prefix="envoy-"))
+            scratch.append(workdir)
+        envoy = EnvoyProcess(config, Path(workdir or tmp_path / f"envoy-{next(_counter)}"),
+                             **kwargs)
         made.append(envoy)
         return envoy
 
     yield make
     for envoy in made:
         envoy.stop()
+    for directory in scratch:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -18,8 +18,9 @@ Deliberate differences from SPIRE's ``buildResponse`` (``pkg/agent/endpoints/sds
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 
 from cryptography import x509
@@ -219,20 +220,24 @@ def select_secrets(requested: Iterable[str], svids: Sequence[X509Svid], bundles:
     unmet: dict[str, str] = {}
     workloads: dict[str, str] = {}
 
+    def add(name: str, build: Callable[[], secret_pb2.Secret]) -> None:
+        # A malformed SVID or bundle makes its own name unmet, not the whole request fail.
+        try:
+            secrets.append(build())
+        except ValueError as error:
+            unmet[name] = str(error)
+
     def validation(name: str, td_key: str) -> None:
         certs = bundles.get(td_key)
         if not certs:
             unmet[name] = f"no bundle for trust domain {td_key}"
         elif spiffe_validator:
-            secrets.append(spiffe_validation_secret(name, {td_key: certs}))
+            add(name, partial(spiffe_validation_secret, name, {td_key: certs}))
         else:
-            secrets.append(trusted_ca_secret(name, certs))
+            add(name, partial(trusted_ca_secret, name, certs))
 
     def certificate(name: str, svid: X509Svid) -> None:
-        try:
-            secrets.append(tls_certificate_secret(name, svid))
-        except ValueError as error:
-            unmet[name] = str(error)
+        add(name, partial(tls_certificate_secret, name, svid))
 
     first_by_id: dict[str, X509Svid] = {}
     for svid in svids:
@@ -272,7 +277,7 @@ def select_secrets(requested: Iterable[str], svids: Sequence[X509Svid], bundles:
             elif not usable:
                 unmet[name] = "there are no bundles"
             else:
-                secrets.append(spiffe_validation_secret(name, usable))
+                add(name, partial(spiffe_validation_secret, name, usable))
         elif asked.kind is NameKind.WORKLOAD:
             workloads[name] = asked.value
         else:

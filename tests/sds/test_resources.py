@@ -323,6 +323,15 @@ def test_a_broken_svid_is_unmet_not_fatal(pki: Pki) -> None:
     assert "not a key" not in selection.reasons[broken.spiffe_id]
 
 
+def test_a_broken_bundle_is_unmet_not_fatal(pki: Pki) -> None:
+    bundles = {**pki.bundles, pki.zulu.key_name: (b"garbage",)}
+    selection = select_secrets(["ROOTCA", pki.zulu.key_name, "ALL"], [], bundles, LOCAL_TD,
+                               spiffe_validator=True)
+    assert selection.names == ("ROOTCA",)
+    assert selection.unmet == {pki.zulu.key_name, "ALL"}
+    assert ZULU_TD in selection.reasons["ALL"]
+
+
 def test_custom_names(pki: Pki) -> None:
     names = SdsNames(default_svid_name="me", default_bundle_name="ca",
                      default_all_bundles_name="every")
