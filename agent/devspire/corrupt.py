@@ -83,7 +83,8 @@ def padding_bundles(template: bytes, size: int) -> dict[str, bytes]:
     """Extra ``spiffe://padding-N.invalid`` bundles of about 1 MiB each, ``size`` in total."""
     chunk_size = 1024 * 1024
     template = template or b"\x00"
-    chunk = (template * (chunk_size // len(template) + 1))[:chunk_size]
+    # Whole copies only: a clipped certificate would make the padding itself malformed.
+    chunk = template * max(1, chunk_size // len(template))
     count = size // chunk_size + 1
     return {f"spiffe://padding-{i}.invalid": chunk for i in range(count)}
 

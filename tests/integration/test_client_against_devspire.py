@@ -174,3 +174,14 @@ async def test_jwt_svid_verifies_against_jwt_bundle(spire: Spire,
     assert claims["exp"] == svid.expires_at
     with pytest.raises(SpirePermissionDenied, match="no identity issued"):
         await client.fetch_jwt_svids(["registry"], selectors=[Selector("k8s", "ns:none")])
+
+
+async def test_bundle_response_larger_than_4mb_is_received(spire: Spire,
+                                                           client: DelegatedIdentityClient) -> None:
+    """spire#3965: a state-of-the-world answer past gRPC's default 4 MB limit still arrives."""
+    spire.dev.faults.oversize(count=1, size=5 * 1024 * 1024,
+                              rpcs=["SubscribeToX509Bundles"])
+    bundles = await next_of(client.subscribe_x509_bundles())
+    assert f"spiffe://{TD}" in bundles.bundles
+    assert sum(len(der) for certs in bundles.bundles.values() for der in certs) > 4 * 1024**2 \
+        or len(bundles.bundles) > 100
