@@ -1,0 +1,187 @@
+"""Latest-value watches: what a cache user holds, and the versioned state it is handed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+
+from agent.cache.keys import CompositeId, WorkloadKey
+from agent.model import X509Svid
+
+__all__ = ["Bundles", "CacheState", "StatePublisher", "Watch", "WatchClosed"]
+
+Bundles = Mapping[str, tuple[bytes, ...]]
+"""``spiffe://<td>`` -> that trust domain's CA certificates (DER each)."""
+
+_NO_BUNDLES: Bundles = MappingProxyType({})
+
+
+class WatchClosed(Exception):
+    """The watch was closed (by its holder, or because the cache shut down)."""
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """Everything served for one workload at one moment; never changes once made.
+
+    ``version`` grows with every change (unique across the whole cache, so a version never
+    names two different states). ``svids`` passed validation, in SPIRE's order (the first
+    is the default one); empty means SPIRE issues nothing to this workload (yet).
+    ``bundles`` holds the bundles of the SVIDs' own trust domains (and of the configured
+    local trust domain); ``federated_bundles`` those of ``federates_with`` that SPIRE has
+    sent. ``source`` is the cache entry the SVIDs came from (the workload itself, or the
+    shared ``Identity`` in identity mode).
+    """
+
+    version: int
+    svids: tuple[X509Svid, ...]
+    bundles: Bundles = field(default_factory=lambda: _NO_BUNDLES)
+    federated_bundles: Bundles = field(default_factory=lambda: _NO_BUNDLES)
+    federates_with: tuple[str, ...] = ()
+    source: CompositeId | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.svids
+
+    @property
+    def spiffe_ids(self) -> tuple[str, ...]:
+        return tuple(svid.spiffe_id for svid in self.svids)
+
+    def all_bundles(self) -> Bundles:
+        """Own and federated bundles together (what the ``ALL`` resource needs)."""
+        return MappingProxyType({**self.federated_bundles, **self.bundles})
+
+    def same_content(self, other: CacheState) -> bool:
+        """Equal in everything but the version."""
+        return (self.svids, dict(self.bundles), dict(self.federated_bundles),
+                self.federates_with, self.source) == (
+                    other.svids, dict(other.bundles), dict(other.federated_bundles),
+                    other.federates_with, other.source)
+
+
+class StatePublisher:
+    """One workload's latest state: publishing replaces it, waiters get only the newest."""
+
+    def __init__(self, versions: Iterator[int]) -> None:
+        self._versions = versions
+        self._latest: CacheState | None = None
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    @property
+    def latest(self) -> CacheState | None:
+        return self._latest
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def publish(self, svids: tuple[X509Svid, ...], *, bundles: Bundles = _NO_BUNDLES,
+                federated_bundles: Bundles = _NO_BUNDLES, federates_with: tuple[str, ...] = (),
+                source: CompositeId | None = None) -> CacheState | None:
+        """Makes a new state current unless it equals the current one; returns it if new."""
+        if self._closed:
+            return None
+        candidate = CacheState(0, svids, MappingProxyType(dict(bundles)),
+                               MappingProxyType(dict(federated_bundles)), federates_with, source)
+        if self._latest is not None and self._latest.same_content(candidate):
+            return None
+        state = CacheState(next(self._versions), candidate.svids, candidate.bundles,
+                           candidate.federated_bundles, federates_with, source)
+        self._latest = state
+        self._wake()
+        return state
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def next(self, after_version: int) -> CacheState:
+        while True:
+            if self._closed:
+                raise WatchClosed("the cache entry was closed")
+            latest = self._latest
+            if latest is not None and latest.version > after_version:
+                return latest
+            changed = self._changed
+            await changed.wait()
+
+
+class Watch:
+    """A handle on one workload's state, in the style of go-control-plane's watches.
+
+    ``await next(after_version)`` returns the newest state whose version is greater than
+    ``after_version`` (0: whatever is current), waiting for one if need be. States in
+    between are skipped: a slow reader sees the newest, never a backlog. ``close()`` (or
+    leaving ``async with``) releases the cache entry; pending and later ``next`` calls
+    raise :class:`WatchClosed`.
+    """
+
+    def __init__(self, key: WorkloadKey, publisher: StatePublisher,
+                 on_close: Callable[[Watch], None]) -> None:
+        self.key = key
+        self._publisher = publisher
+        self._on_close: Callable[[Watch], None] | None = on_close
+        self._closed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set() or self._publisher.closed
+
+    def latest(self) -> CacheState | None:
+        """The current state without waiting (None before the first one)."""
+        return self._publisher.latest
+
+    async def next(self, after_version: int = 0) -> CacheState:
+        if self._closed.is_set():
+            raise WatchClosed(f"watch on {self.key} is closed")
+        wanted = asyncio.ensure_future(self._publisher.next(after_version))
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({wanted, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not wanted.done():
+                wanted.cancel()
+        if wanted.done() and not wanted.cancelled():
+            return wanted.result()
+        raise WatchClosed(f"watch on {self.key} is closed")
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)
+
+    async def __aiter__(self) -> AsyncIterator[CacheState]:
+        """Each newer state in turn (latest-value: intermediate ones may be skipped);
+        ends when the watch is closed."""
+        version = 0
+        while True:
+            try:
+                state = await self.next(version)
+            except WatchClosed:
+                return
+            version = state.version
+            yield state
+
+    async def __aenter__(self) -> Watch:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        latest = self._publisher.latest
+        return (f"Watch({self.key}, version={latest.version if latest else 0}, "
+                f"closed={self.closed})")
