@@ -37,6 +37,8 @@ import contextlib
 import errno
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -163,32 +165,37 @@ class FakePod:
         return cid
 
     def spawn(self, argv: Sequence[str], *, container_id: str | None = None,
-              **popen_kwargs: Any) -> subprocess.Popen[Any]:
-        """Starts ``argv`` inside the container's cgroups (the child moves itself in before
-        it execs, so the program never runs outside the pod). ``container_id`` defaults
-        to the pod's first container; a new ID adds a container."""
+              uid: int | None = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """Starts ``argv`` inside the container's cgroups and returns once it runs there.
+
+        A shell moves itself into the cgroups and then execs the program (dropping to
+        ``uid`` first, if given), so the program keeps one PID and never runs outside the
+        pod. No Python ``preexec_fn`` is used: in a process running gRPC, a forked child
+        would run gRPC's fork handlers, which can abort it (``ev_epoll1_linux.cc: Check
+        failed``) and leave a dead PID; without one, subprocess uses vfork+exec.
+        ``container_id`` defaults to the pod's first container; a new ID adds a container.
+        """
         cid = self.add_container(container_id or self.container_id)
         targets = [str(d / "cgroup.procs") for d in self.directories(cid)]
-        user_preexec = popen_kwargs.pop("preexec_fn", None)
-
-        def enter_cgroups() -> None:
-            pid = str(os.getpid()).encode()
-            for target in targets:
-                fd = os.open(target, os.O_WRONLY)
-                try:
-                    os.write(fd, pid)
-                finally:
-                    os.close(fd)
-            if user_preexec is not None:
-                user_preexec()
-
-        try:
-            proc = subprocess.Popen(list(argv), preexec_fn=enter_cgroups, **popen_kwargs)
-        except subprocess.SubprocessError as err:
-            if self.skip:
-                pytest.skip(f"the kernel refused to move a process into {targets}: {err}")
-            raise
+        program = shutil.which(argv[0]) or argv[0]
+        enter = 'for t in "$@"; do echo $$ > "$t" || exit 111; done; exec '
+        if uid is not None:
+            if shutil.which("setpriv") is None:
+                pytest.skip("setpriv (util-linux) is needed to start pod processes as a user")
+            enter += f"setpriv --reuid={uid} --regid={uid} --clear-groups -- "
+        proc = subprocess.Popen(["sh", "-c", enter + shlex.join([program, *argv[1:]]), "sh",
+                                 *targets], **popen_kwargs)
         self.processes.append(proc)
+        deadline = time.monotonic() + 5
+        while not _running_in(proc.pid, program, self.pod_uid, uid):
+            if proc.poll() is not None:
+                if proc.returncode == 111 and self.skip:
+                    pytest.skip(f"the kernel refused to move a process into {targets}")
+                raise RuntimeError(f"{argv} did not start in pod {self.pod_uid} "
+                                   f"(exit status {proc.returncode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{argv} did not start in pod {self.pod_uid} within 5s")
+            time.sleep(0.001)
         return proc
 
     def move(self, pid: int, container_id: str | None = None) -> None:
@@ -312,3 +319,17 @@ def _empty_and_remove(leaf: Path) -> bool:
                 return False
         time.sleep(0.01)
     return False
+
+
+def _running_in(pid: int, program: str, pod_uid: str, uid: int | None) -> bool:
+    """True once ``pid`` is ``program`` itself (exec done), inside the pod, as ``uid``."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        status = Path(f"/proc/{pid}/status").read_text()
+        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    uid_line = next((line for line in status.splitlines() if line.startswith("Uid:")), "")
+    in_pod = pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup
+    right_user = uid is None or uid_line.split()[1:2] == [str(uid)]
+    return exe == os.path.realpath(program) and right_user and in_pod

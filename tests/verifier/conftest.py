@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -80,51 +79,11 @@ async def spire(work_dir: Path) -> AsyncIterator[Spire]:
 
 NOBODY = 65534
 SLEEP = ("sleep", "120")
-# Moves itself into every cgroup given, drops to nobody, then execs the program: one PID
-# throughout, and the program never runs outside the pod or as root.
-_ENTER = ('for t in "$@"; do echo $$ > "$t" || exit 111; done; '
-          f"exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- ")
-
-
 def spawn(pod: FakePod, argv: Sequence[str] = SLEEP, *,
           container_id: str | None = None) -> subprocess.Popen[Any]:
-    """Like ``FakePod.spawn``, but safe in a process that runs gRPC.
-
-    ``FakePod.spawn`` forks with a Python ``preexec_fn``; gRPC's fork handlers then run in
-    the child and can abort it (``ev_epoll1_linux.cc: Check failed``), leaving a dead PID.
-    Without ``preexec_fn`` subprocess uses vfork+exec, and a shell does the cgroup moves.
-    The process runs as nobody, so it never matches the delegate's own ``unix:uid:0``
-    entry. ``container_id`` defaults to the pod's first container. Returns once the program
-    itself runs in the pod.
-    """
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to start pod processes as nobody")
-    cid = pod.add_container(container_id or pod.container_id)
-    targets = [str(directory / "cgroup.procs") for directory in pod.directories(cid)]
-    program = shutil.which(argv[0]) or argv[0]
-    proc = subprocess.Popen(["sh", "-c", _ENTER + shlex.join([program, *argv[1:]]), "sh",
-                             *targets])
-    pod.processes.append(proc)
-    deadline = time.monotonic() + 5
-    while not _running(proc.pid, program, pod.pod_uid):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{argv} did not start in pod {pod.pod_uid} "
-                               f"(exit status {proc.returncode})")
-        time.sleep(0.001)
-    return proc
-
-
-def _running(pid: int, program: str, pod_uid: str) -> bool:
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-        status = Path(f"/proc/{pid}/status").read_text()
-        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return False
-    uid_line = next((line for line in status.splitlines() if line.startswith("Uid:")), "")
-    in_pod = pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup
-    return exe == os.path.realpath(program) and uid_line.split()[1:2] == [str(NOBODY)] \
-        and in_pod
+    """A pod process running as nobody, so it never matches the delegate's own
+    ``unix:uid:0`` entry."""
+    return pod.spawn(argv, container_id=container_id, uid=NOBODY)
 
 
 def spawn_with_pid(pod: FakePod, pid: int, argv: Sequence[str] = SLEEP,
