@@ -26,9 +26,7 @@ from agent.config import (
 )
 from agent.errors import SpiffeDelegateError
 from agent.logs import configure_logging
-
-if TYPE_CHECKING:
-    from agent.devspire.server import DevSpireSettings
+from agent.sds.names import SdsNames
 
 if TYPE_CHECKING:
     from agent.devspire.server import DevSpireSettings
@@ -61,6 +59,45 @@ def _spiffe_id(text: str) -> str:
     return text
 
 
+def _workload_spiffe_id(text: str) -> str:
+    """A SPIFFE ID with a path (a workload's, not a trust domain's)."""
+    from spiffe import SpiffeId
+    from spiffe.spiffe_id.spiffe_id import SpiffeIdError
+
+    try:
+        parsed = SpiffeId(text)
+    except SpiffeIdError as exc:
+        raise ValueError(f"{text!r} is not a SPIFFE ID: {exc}") from None
+    if not parsed.path:
+        raise ValueError(f"{text!r} names a trust domain, not a workload; "
+                         "e.g. spiffe://example.org/ns/zarf/sa/registry-proxy")
+    return text
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _group(text: str) -> int:
+    from agent.sds.server import resolve_group
+
+    try:
+        return resolve_group(text)
+    except SpiffeDelegateError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _resource_name(text: str) -> str:
+    if not text or text.strip() != text:
+        raise ValueError(f"{text!r} is not a usable SDS resource name")
+    return text
+
+
 LOGGING_OPTIONS = (
     Option("--log-format", "log line format", default="text", choices=("text", "json")),
     Option("--log-level", "least severe level logged", default="info", choices=LOG_LEVELS,
@@ -72,12 +109,37 @@ RUN_OPTIONS = (
            convert=Path, default=Path(DEFAULT_SPIRE_ADMIN_SOCKET), metavar="PATH"),
     Option("--sds-socket", "Unix socket on which Envoy's SDS is served", convert=Path,
            default=Path(DEFAULT_SDS_SOCKET), metavar="PATH"),
+    Option("--sds-socket-mode", "file mode of the SDS socket (answers depend on the "
+           "attested caller, so any local user may connect by default)",
+           convert=_octal_mode, default=0o666, shown="0666", metavar="MODE"),
+    Option("--sds-socket-group", "group owning the SDS socket (name or gid)", convert=_group,
+           metavar="GROUP"),
+    Option("--sds-default-svid-name", "SDS name of the caller's default SVID "
+           "(SPIRE's default_svid_name)", convert=_resource_name, default="default",
+           metavar="NAME"),
+    Option("--sds-default-bundle-name", "SDS name of the caller's trust domain bundle "
+           "(SPIRE's default_bundle_name)", convert=_resource_name, default="ROOTCA",
+           metavar="NAME"),
+    Option("--sds-default-all-bundles-name", "SDS name of all bundles, federated included "
+           "(SPIRE's default_all_bundles_name)", convert=_resource_name, default="ALL",
+           metavar="NAME"),
+    Option("--sds-disable-spiffe-cert-validation", "serve bundles as plain trusted_ca "
+           "instead of Envoy's SPIFFE validator (SPIRE's disable_spiffe_cert_validation)",
+           convert=_boolean, default=False, shown="false", metavar="BOOL"),
+    Option("--trusted-proxy", "SPIFFE ID whose holders may ask for other pods' SVIDs as "
+           "workload:<pod uid> (repeatable)", convert=_workload_spiffe_id, repeatable=True,
+           metavar="SPIFFEID"),
+    Option("--cache-key", "one SPIRE subscription per pod (workload) or per SPIFFE identity "
+           "shared by pods (identity)", default="workload", choices=("workload", "identity"),
+           convert=str.lower, metavar="KEY"),
+    Option("--shutdown-grace", "on SIGTERM: how long streams may take to close before exit",
+           convert=positive_duration, default=5.0, shown="5s", metavar="DUR"),
     Option("--health-address", "where /healthz and /readyz are served",
            convert=parse_host_port, default=HostPort("127.0.0.1", 8086), metavar="HOST:PORT"),
     Option("--metrics-address", "where Prometheus /metrics is served",
            convert=parse_host_port, default=HostPort("127.0.0.1", 9086), metavar="HOST:PORT"),
-    Option("--trust-domain", "trust domain to assume before SPIRE says (names ROOTCA)",
-           convert=_trust_domain, metavar="TD"),
+    Option("--trust-domain", "the local trust domain, whose bundle every caller's state "
+           "carries", convert=_trust_domain, metavar="TD"),
     Option("--reconnect-initial", "first back-off delay after losing SPIRE",
            convert=positive_duration, default=0.1, shown="100ms", metavar="DUR"),
     Option("--reconnect-max", "longest back-off delay", convert=positive_duration,
@@ -144,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sds_names(args: argparse.Namespace) -> SdsNames:
+    """SPIRE's ``sds {}`` settings from the flags; ConfigError when they clash."""
+    return SdsNames(default_svid_name=args.sds_default_svid_name,
+                    default_bundle_name=args.sds_default_bundle_name,
+                    default_all_bundles_name=args.sds_default_all_bundles_name,
+                    disable_spiffe_cert_validation=args.sds_disable_spiffe_cert_validation)
+
+
 def agent_settings(args: argparse.Namespace) -> AgentSettings:
     if args.reconnect_initial > args.reconnect_max:
         raise SpiffeDelegateError(
@@ -152,6 +222,12 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     return AgentSettings(
         spire_admin_socket=args.spire_admin_socket,
         sds_socket=args.sds_socket,
+        sds_socket_mode=args.sds_socket_mode,
+        sds_socket_group=args.sds_socket_group,
+        sds_names=sds_names(args),
+        cache_key=args.cache_key,
+        trusted_proxies=tuple(dict.fromkeys(repeatable_values(args, "trusted_proxy"))),
+        shutdown_grace=args.shutdown_grace,
         health_address=args.health_address,
         metrics_address=args.metrics_address,
         trust_domain=args.trust_domain,

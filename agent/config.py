@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.durations import parse_duration
+from agent.sds.names import SdsNames
 
 DEFAULT_SPIRE_ADMIN_SOCKET = "/run/spire/admin/admin.sock"
 DEFAULT_SDS_SOCKET = "/run/spiffe-delegate/sds.sock"
@@ -66,8 +67,19 @@ class ReconnectSettings:
 
 @dataclass(frozen=True)
 class AgentSettings:
+    """``sds_names``: SPIRE's ``sds { ... }`` settings. ``cache_key``: "workload" (one
+    SPIRE subscription per pod) or "identity" (pods with the same SPIFFE IDs share one).
+    ``trusted_proxies``: SPIFFE IDs whose holders may ask for ``workload:<pod uid>``.
+    ``shutdown_grace``: seconds SIGTERM may take."""
+
     spire_admin_socket: Path = Path(DEFAULT_SPIRE_ADMIN_SOCKET)
     sds_socket: Path = Path(DEFAULT_SDS_SOCKET)
+    sds_socket_mode: int = 0o666
+    sds_socket_group: int | None = None
+    sds_names: SdsNames = field(default_factory=SdsNames)
+    cache_key: str = "workload"
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_grace: float = 5.0
     health_address: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8086))
     metrics_address: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 9086))
     trust_domain: str | None = None

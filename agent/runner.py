@@ -1,8 +1,11 @@
-"""``spiffe-delegate run``: connects to SPIRE and follows the agent's own identity and bundles.
+"""``spiffe-delegate run``: SPIRE -> attest-then-re-verify -> SVID cache -> SDS for Envoy.
 
-At this stage the agent subscribes, as an authorized delegate, to its own X.509-SVIDs (by
-its own PID), to the X.509 bundles and to the JWT bundles, validates every SVID, and logs
-what it holds. Attestation of callers, the cache and SDS are wired in by later issues.
+:class:`Agent` wires one DelegatedIdentityClient to a :class:`~agent.cache.SpireSource`
+(which attests and re-verifies every PID), the :class:`~agent.cache.SvidCache` and the
+:class:`~agent.sds.server.SdsServer`; it also follows the agent's own X.509-SVIDs (by its
+own PID), the X.509 bundles and the JWT bundles, and logs what it holds. SIGTERM drains:
+SDS streams end cleanly, the socket file is removed, and the process exits within
+``--shutdown-grace``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from cryptography import x509
 
+from agent.attest.procfs import ProcReader
+from agent.cache import CacheSettings, KeyMode, SpireSource, SvidCache
+from agent.clock import Clock, SystemClock
 from agent.config import AgentSettings
 from agent.errors import SpireError, SpirePermissionDenied
 from agent.model import JwtBundles, X509Bundles, X509SvidUpdate
+from agent.sds.server import SdsServer, SdsSettings
+from agent.sds.view import ViewSettings
 from agent.spire.backoff import BackoffPolicy
 from agent.spire.client import DelegatedIdentityClient
 from agent.spire.validation import SvidGate
@@ -118,23 +127,103 @@ async def _first_of(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> Non
         await asyncio.gather(stopper, *tasks, return_exceptions=True)
 
 
-async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
-    policy = BackoffPolicy(initial=settings.reconnect.initial,
-                           maximum=settings.reconnect.maximum,
-                           reset_after=settings.reconnect.reset_after)
-    _LOG.info("connecting to the SPIRE agent admin socket %s as a delegate (pid %d)",
-              settings.spire_admin_socket, os.getpid())
-    async with DelegatedIdentityClient(
-            str(settings.spire_admin_socket), backoff=policy,
-            max_receive_message_bytes=settings.spire_max_message_bytes) as client:
-        follower = OwnIdentityFollower(client, os.getpid())
-        retry = settings.reconnect.maximum
-        tasks = [
-            asyncio.create_task(_keep_following("own X.509-SVIDs", follower.follow_svids, retry)),
-            asyncio.create_task(_keep_following("X.509 bundles", follower.follow_bundles, retry)),
-            asyncio.create_task(_keep_following("JWT bundles", follower.follow_jwt_bundles,
-                                                retry)),
-        ]
-        await _first_of(stop, tasks)
-    _LOG.info("stopped")
+class Agent:
+    """The running agent, in-process: ``async with Agent(settings) as agent`` starts the SDS
+    server (SocketInUse if another agent serves the socket) and everything behind it.
 
+    ``agent.sds``, ``agent.cache`` and ``agent.client`` are the parts; ``run(stop)`` follows
+    the agent's own identity until ``stop`` is set; ``close()`` drains within
+    ``settings.shutdown_grace`` seconds.
+    """
+
+    def __init__(self, settings: AgentSettings, *, reader: ProcReader | None = None,
+                 clock: Clock | None = None, follow_own_identity: bool = True) -> None:
+        self.settings = settings
+        self._reader = reader if reader is not None else ProcReader()
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._follow_own = follow_own_identity
+        policy = BackoffPolicy(initial=settings.reconnect.initial,
+                               maximum=settings.reconnect.maximum,
+                               reset_after=settings.reconnect.reset_after)
+        self.client = DelegatedIdentityClient(
+            str(settings.spire_admin_socket), backoff=policy,
+            max_receive_message_bytes=settings.spire_max_message_bytes)
+        self.source = SpireSource(self.client, self._reader, clock=self._clock)
+        self.cache = SvidCache(self.source, clock=self._clock, settings=CacheSettings(
+            key_mode=KeyMode(settings.cache_key), trust_domain=settings.trust_domain))
+        self.sds = SdsServer(SdsSettings(
+            socket_path=settings.sds_socket, socket_mode=settings.sds_socket_mode,
+            socket_group=settings.sds_socket_group,
+            view=ViewSettings(names=settings.sds_names, trust_domain=settings.trust_domain,
+                              trusted_proxies=frozenset(settings.trusted_proxies))),
+            self.cache, reader=self._reader)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        names = self.settings.sds_names
+        if names.all_bundles_name is None:
+            _LOG.warning("the SDS bundle name and all-bundles name are both %r; the "
+                         "all-bundles name is ignored (as SPIRE does)", names.default_bundle_name)
+        _LOG.info("connecting to the SPIRE agent admin socket %s as a delegate (pid %d)",
+                  self.settings.spire_admin_socket, os.getpid())
+        try:
+            await self.sds.start()
+        except BaseException:
+            await self.client.close()
+            raise
+        await self.cache.start()
+        if self._follow_own:
+            follower = OwnIdentityFollower(self.client, os.getpid())
+            retry = self.settings.reconnect.maximum
+            self._tasks = [
+                asyncio.create_task(_keep_following("own X.509-SVIDs", follower.follow_svids,
+                                                    retry)),
+                asyncio.create_task(_keep_following("X.509 bundles", follower.follow_bundles,
+                                                    retry)),
+                asyncio.create_task(_keep_following("JWT bundles",
+                                                    follower.follow_jwt_bundles, retry)),
+            ]
+        if self.settings.trusted_proxies:
+            _LOG.info("trusted proxies (may ask for workload:<pod uid>): %s",
+                      ", ".join(self.settings.trusted_proxies))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Returns when ``stop`` is set, or raises what ended a follower for good."""
+        await _first_of(stop, self._tasks)
+        self._tasks = []
+
+    async def close(self) -> None:
+        """SDS drained first (streams end cleanly, socket removed), then the cache and the
+        SPIRE connection; bounded by ``shutdown_grace`` as a whole."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Leave a share of the grace for the cache and the client behind SDS.
+        await self.sds.stop(grace=self.settings.shutdown_grace * 0.8)
+        for name, closing in (("cache", self.cache.close), ("SPIRE client", self.client.close)):
+            try:
+                await asyncio.wait_for(closing(), max(deadline - time.monotonic(), 0.1))
+            except TimeoutError:
+                _LOG.warning("the %s did not close within the shutdown grace", name)
+        _LOG.info("stopped")
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
+    agent = Agent(settings)
+    await agent.start()
+    try:
+        await agent.run(stop)
+    finally:
+        await agent.close()

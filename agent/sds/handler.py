@@ -1,0 +1,421 @@
+"""The SecretDiscoveryService: StreamSecrets, FetchSecrets and DeltaSecrets over the cache.
+
+Every call starts by identifying the caller (the PID the relay pinned at accept time, read
+through /proc via its pidfd) and watching its cache entry; everything it is served comes
+from that entry (and, for a trusted proxy, the entries of the pods it names).
+
+Each stream is one handler coroutine with a mailbox: a reader task posts the client's
+requests, the view's watch tasks post "state changed" (coalesced: the watch hands out the
+newest state, never a backlog), and shutdown posts "stop". Nothing on the send path is
+shared with other streams, so a slow or stuck Envoy only holds up its own stream.
+
+Outcomes, per stream (SotW and delta alike unless said otherwise):
+
+* the caller cannot be identified (gone, PID not visible, ambiguous cgroup):
+  UNAVAILABLE "workload attestation failed" (SPIRE's status), logged;
+* the caller (or a pod asked for) has no state yet, or SPIRE issues it no identity: the
+  stream waits; the caller without an identity is logged once;
+* a name this server never serves: INVALID_ARGUMENT "workload is not authorized for the
+  requested identities [...]" (SPIRE's message), the stream ends;
+* a name the caller's current state cannot serve (a SPIFFE ID it does not hold ...):
+  SotW ends the stream with that INVALID_ARGUMENT, as SPIRE does; delta keeps the stream,
+  serves the other names and removes the name if the client held it;
+* ``workload:<pod uid>`` from a caller none of whose SPIFFE IDs is a trusted proxy:
+  PERMISSION_DENIED, logged;
+* an unknown type_url: INVALID_ARGUMENT;
+* the caller's pinned process has exited: the stream ends (checked before every push);
+* agent shutdown: the stream ends with OK (Envoy reconnects to the next agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+
+from agent.attest.procfs import ProcReader
+from agent.sds.caller import Caller, CallerUnknown, identify_caller
+from agent.sds.delta import DeltaProtocol
+from agent.sds.resources import SECRET_TYPE_URL
+from agent.sds.sotw import SotwProtocol
+from agent.sds.stats import SdsStats
+from agent.sds.view import NoIdentityLog, Resolution, View, ViewSettings, WatchSource
+from agent.uds.peercred import PeerCredentials
+
+__all__ = ["SdsHandler", "not_authorized_message"]
+
+_LOG = logging.getLogger("spiffe_delegate.sds")
+_MAX_REMEMBERED = 4096
+
+
+class _Event:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_STATE = _Event("state changed")
+_END = _Event("client closed")
+_STOP = _Event("agent stopping")
+_CACHE_CLOSED = _Event("cache closed")
+
+
+class _StreamEnded(Exception):
+    """Leaves a stream's loop without a status of our own (the caller is gone)."""
+
+
+class _Mailbox:
+    """One stream's events, in order; state changes are coalesced into one pending item."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._state_pending = False
+
+    def post(self, item: object) -> None:
+        self._queue.put_nowait(item)
+
+    def state_changed(self) -> None:
+        if not self._state_pending:
+            self._state_pending = True
+            self._queue.put_nowait(_STATE)
+
+    def cache_closed(self) -> None:
+        self._queue.put_nowait(_CACHE_CLOSED)
+
+    async def get(self) -> object:
+        item = await self._queue.get()
+        if item is _STATE:
+            self._state_pending = False
+        return item
+
+
+def not_authorized_message(names: Mapping[str, str]) -> str:
+    """SPIRE's INVALID_ARGUMENT message (Go's %q of the sorted names), then the reasons."""
+    quoted = " ".join(json.dumps(name) for name in sorted(names))
+    reasons = "; ".join(f"{name}: {why}" for name, why in sorted(names.items()) if why)
+    message = f"workload is not authorized for the requested identities [{quoted}]"
+    return f"{message} ({reasons})" if reasons else message
+
+
+class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+    """The servicer. ``lookup`` maps ``context.peer()`` to the relay's credentials."""
+
+    def __init__(self, cache: WatchSource, lookup: Callable[[str], PeerCredentials | None], *,
+                 settings: ViewSettings | None = None, reader: ProcReader | None = None,
+                 stats: SdsStats | None = None, fetch_timeout: float = 5.0,
+                 logger: logging.Logger | None = None) -> None:
+        self._cache = cache
+        self._lookup = lookup
+        self._settings = settings if settings is not None else ViewSettings()
+        self._reader = reader if reader is not None else ProcReader()
+        self.stats = stats if stats is not None else SdsStats()
+        self._fetch_timeout = fetch_timeout
+        self._log = logger if logger is not None else _LOG
+        self._no_identity = NoIdentityLog(self._log)
+        self._mailboxes: set[_Mailbox] = set()
+        self._draining = False
+        self._logged: set[tuple[object, ...]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Ends every open stream (cleanly, status OK) and refuses new calls."""
+        self._draining = True
+        for mailbox in list(self._mailboxes):
+            mailbox.post(_STOP)
+
+    async def wait_idle(self) -> None:
+        """Returns once no stream is open."""
+        await self._idle.wait()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _once(self, *key: object) -> bool:
+        """True the first time ``key`` is seen (bounded memory): log-once helper."""
+        if key in self._logged:
+            return False
+        if len(self._logged) >= _MAX_REMEMBERED:
+            self._logged.clear()
+        self._logged.add(key)
+        return True
+
+    async def _refuse(self, context: Any, code: grpc.StatusCode, message: str) -> None:
+        self.stats.refused[code.name] += 1
+        await context.abort(code, message)
+
+    async def _identify(self, context: Any, rpc: str) -> Caller:
+        if self._draining:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               "the agent is shutting down")
+        try:
+            return identify_caller(context.peer(), self._lookup, self._reader)
+        except CallerUnknown as exc:
+            self.stats.caller_failures += 1
+            self._log.warning("SDS %s: workload attestation failed: %s", rpc, exc)
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               "workload attestation failed")
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def _check_refusals(self, context: Any, caller: Caller, resolution: Resolution,
+                              *, unmet_is_fatal: bool) -> None:
+        if resolution.denied:
+            names = sorted(resolution.denied)
+            if self._once("denied", caller.key, tuple(names)):
+                self._log.warning("SDS caller %s asked for %s but is not a trusted proxy "
+                                  "(%s); refused", caller.describe(), ", ".join(names),
+                                  next(iter(resolution.denied.values())))
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                               f"the caller may not ask for {', '.join(names)}: it is not "
+                               "a trusted proxy")
+        fatal = dict(resolution.invalid)
+        if unmet_is_fatal:
+            fatal.update(resolution.unmet)
+        if fatal:
+            message = not_authorized_message(fatal)
+            if self._once("invalid", caller.key, tuple(sorted(fatal))):
+                self._log.warning("SDS caller %s: %s", caller.describe(), message)
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def _check_type_url(self, context: Any, type_url: str) -> None:
+        if type_url not in ("", SECRET_TYPE_URL):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unsupported type_url {type_url!r}; this server serves "
+                               f"{SECRET_TYPE_URL}")
+
+    def _check_alive(self, caller: Caller) -> None:
+        if caller.exited():
+            self.stats.callers_exited += 1
+            self._log.info("SDS caller %s has exited; ending its stream", caller.describe())
+            raise _StreamEnded
+
+    def _answered(self, caller: Caller, acked: tuple[str, ...], nacked: tuple[str, ...],
+                  detail: str) -> None:
+        """Counts an ACK or a NACK (and logs the NACK's error_detail, as SPIRE logs any)."""
+        if nacked:
+            self.stats.nacks += 1
+            self.stats.nacks_by_name.update(nacked)
+            self.stats.last_nack_detail = detail
+            self._log.error("SDS caller %s rejected %s: %s; it keeps its previous secret and "
+                            "this content is not sent again", caller.describe(),
+                            ", ".join(nacked), detail or "(no detail)")
+        elif detail:
+            self._log.error("SDS caller %s reported an error: %s", caller.describe(), detail)
+        elif acked:
+            self.stats.acks += 1
+
+    def _log_push(self, caller: Caller, view: View, resolution: Resolution,
+                  version: str) -> None:
+        """INFO for a stream's first push (who got which names as whom), DEBUG after."""
+        state = view.caller_state
+        first = not view.pushed
+        view.pushed = True
+        self._log.log(logging.INFO if first else logging.DEBUG,
+                      "SDS %s %s to %s (%s), version %s",
+                      "serving" if first else "pushing", ", ".join(resolution.secrets),
+                      caller.describe(), ", ".join(state.spiffe_ids) if state else "?",
+                      version)
+
+    async def _open(self, context: Any, caller: Caller, mailbox: _Mailbox) -> View:
+        try:
+            view = View(self._cache, caller, self._settings, on_change=mailbox.state_changed,
+                        on_closed=mailbox.cache_closed, no_identity=self._no_identity)
+        except RuntimeError:  # the cache is closed: the agent is on its way out
+            caller.close()
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               "the agent is shutting down")
+            raise
+        self._mailboxes.add(mailbox)
+        self._idle.clear()
+        self.stats.streams_active += 1
+        return view
+
+    async def _close(self, view: View, mailbox: _Mailbox,
+                     reader: asyncio.Task[None] | None) -> None:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        await view.close()
+        view.caller.close()
+        self._mailboxes.discard(mailbox)
+        self.stats.streams_active -= 1
+        if not self._mailboxes:
+            self._idle.set()
+
+    @staticmethod
+    async def _read(requests: AsyncIterator[Any], mailbox: _Mailbox) -> None:
+        try:
+            async for request in requests:
+                mailbox.post(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection broke: the stream is over either way
+            _LOG.debug("SDS request stream ended: %s", exc)
+        mailbox.post(_END)
+
+    async def _next_event(self, mailbox: _Mailbox, context: Any) -> object:
+        event = await mailbox.get()
+        if event is _CACHE_CLOSED:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               "the agent is shutting down")
+        return event
+
+    # --- StreamSecrets ------------------------------------------------------------------
+
+    async def StreamSecrets(self, request_iterator: AsyncIterator[Any],
+                            context: Any) -> AsyncIterator[Any]:
+        caller = await self._identify(context, "StreamSecrets")
+        self.stats.streams_opened += 1
+        mailbox = _Mailbox()
+        view = await self._open(context, caller, mailbox)
+        reader = asyncio.create_task(self._read(request_iterator, mailbox),
+                                     name=f"sds read {caller.describe()}")
+        protocol = SotwProtocol()
+        self._log.debug("SDS stream opened by %s (%s)", caller.describe(), caller.key)
+        try:
+            if self._draining:
+                return
+            while True:
+                event = await self._next_event(mailbox, context)
+                if event is _END or event is _STOP:
+                    return
+                if event is not _STATE:
+                    request: Any = event
+                    await self._check_type_url(context, request.type_url)
+                    outcome = protocol.on_request(request)
+                    self._answered(caller, outcome.acked, outcome.nacked,
+                                   outcome.error_detail)
+                    if outcome.stale:
+                        self.stats.stale_nonces += 1
+                        self._log.debug("SDS caller %s: stale nonce %r ignored",
+                                        caller.describe(), request.response_nonce)
+                        continue
+                    if not outcome.names_changed:
+                        continue
+                if protocol.names is None:
+                    continue
+                self._check_alive(caller)
+                resolution = view.resolve(protocol.names, protocol.node)
+                await self._check_refusals(context, caller, resolution, unmet_is_fatal=True)
+                if resolution.waiting or resolution.unissued:
+                    continue
+                response = protocol.build(resolution.version, resolution.secrets)
+                if response is None:
+                    self.stats.repushes_avoided += 1
+                    continue
+                self.stats.responses += 1
+                self.stats.resources_sent += len(response.resources)
+                self._log_push(caller, view, resolution, response.version_info)
+                yield response
+        except _StreamEnded:
+            return
+        finally:
+            await self._close(view, mailbox, reader)
+
+    # --- DeltaSecrets -------------------------------------------------------------------
+
+    async def DeltaSecrets(self, request_iterator: AsyncIterator[Any],
+                           context: Any) -> AsyncIterator[Any]:
+        caller = await self._identify(context, "DeltaSecrets")
+        self.stats.delta_streams_opened += 1
+        mailbox = _Mailbox()
+        view = await self._open(context, caller, mailbox)
+        reader = asyncio.create_task(self._read(request_iterator, mailbox),
+                                     name=f"sds delta read {caller.describe()}")
+        protocol = DeltaProtocol()
+        reported: set[tuple[str, str]] = set()  # unmet names logged on this stream
+        try:
+            if self._draining:
+                return
+            while True:
+                event = await self._next_event(mailbox, context)
+                if event is _END or event is _STOP:
+                    return
+                if event is not _STATE:
+                    request: Any = event
+                    await self._check_type_url(context, request.type_url)
+                    outcome = protocol.on_request(request)
+                    self._answered(caller, outcome.acked, outcome.nacked,
+                                   outcome.error_detail)
+                    if outcome.unknown_nonce:
+                        self.stats.stale_nonces += 1
+                requested = protocol.requested()
+                if requested is None:
+                    continue
+                self._check_alive(caller)
+                resolution = view.resolve(requested, protocol.node)
+                await self._check_refusals(context, caller, resolution, unmet_is_fatal=False)
+                for name, why in resolution.unmet.items():
+                    if (name, why) not in reported:
+                        reported.add((name, why))
+                        self._log.warning("SDS caller %s: cannot serve %s: %s",
+                                          caller.describe(), name, why)
+                settled = not resolution.waiting and not resolution.unissued
+                response = protocol.build(resolution.version, resolution.secrets,
+                                          gone=sorted(resolution.unmet), settled=settled)
+                if response is None:
+                    if settled:
+                        self.stats.repushes_avoided += 1
+                    continue
+                self.stats.responses += 1
+                self.stats.resources_sent += len(response.resources)
+                self._log_push(caller, view, resolution, response.system_version_info)
+                yield response
+        except _StreamEnded:
+            return
+        finally:
+            await self._close(view, mailbox, reader)
+
+    # --- FetchSecrets -------------------------------------------------------------------
+
+    async def FetchSecrets(self, request: Any, context: Any) -> Any:
+        self.stats.fetches += 1
+        await self._check_type_url(context, request.type_url)
+        caller = await self._identify(context, "FetchSecrets")
+        mailbox = _Mailbox()
+        view = await self._open(context, caller, mailbox)
+        loop = asyncio.get_running_loop()
+        budget = self._fetch_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, max(remaining - 0.05, 0.0))
+        deadline = loop.time() + budget
+        try:
+            while True:
+                resolution = view.resolve(list(request.resource_names), request.node)
+                await self._check_refusals(context, caller, resolution, unmet_is_fatal=True)
+                if resolution.unissued:
+                    await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                                       "no identity issued: "
+                                       + "; ".join(sorted(set(resolution.unissued.values()))))
+                if not resolution.waiting:
+                    response = discovery_pb2.DiscoveryResponse(
+                        version_info=str(resolution.version), type_url=SECRET_TYPE_URL)
+                    for secret in resolution.secrets.values():
+                        response.resources.add().Pack(secret)
+                    self.stats.responses += 1
+                    self.stats.resources_sent += len(response.resources)
+                    return response
+                try:
+                    event = await asyncio.wait_for(mailbox.get(),
+                                                   max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                                       "timed out: " + "; ".join(
+                                           sorted(set(resolution.waiting.values()))))
+                if event is _CACHE_CLOSED or self._draining:
+                    await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                                       "the agent is shutting down")
+        finally:
+            await self._close(view, mailbox, None)

@@ -1,0 +1,34 @@
+"""Counters of the SDS server, for metrics, status pages and tests."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["SdsStats"]
+
+
+@dataclass
+class SdsStats:
+    """``streams_active`` is a gauge; everything else counts up.
+
+    ``nacks_by_name`` counts NACKs per resource name; ``refused`` counts calls ended with an
+    error, by gRPC status code name; ``last_nack_detail`` is the newest NACK's
+    ``error_detail.message`` (what Envoy said was wrong).
+    """
+
+    streams_opened: int = 0
+    streams_active: int = 0
+    delta_streams_opened: int = 0
+    fetches: int = 0
+    responses: int = 0
+    resources_sent: int = 0
+    acks: int = 0
+    nacks: int = 0
+    nacks_by_name: Counter[str] = field(default_factory=Counter)
+    last_nack_detail: str = ""
+    stale_nonces: int = 0
+    repushes_avoided: int = 0
+    caller_failures: int = 0
+    callers_exited: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
