@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import spiffe
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
@@ -141,6 +142,21 @@ def _verify_chain(
         ) from None
 
 
+# Key types Envoy's TLS stack takes for a certificate (measured with Envoy 1.40: RSA-1024
+# and secp256k1 pass X.509 checks but Envoy NACKs them).
+_ENVOY_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_MIN_RSA_BITS = 2048
+
+
+def _weak_key(key: object) -> str:
+    """Why Envoy would refuse the leaf's key, or "" when it takes it."""
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+        return f"RSA key of {key.key_size} bits (at least {_MIN_RSA_BITS} needed)"
+    if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, _ENVOY_CURVES):
+        return f"elliptic curve {key.curve.name} (P-256, P-384 or P-521 needed)"
+    return ""
+
+
 def validate_x509_svid(
     svid: X509Svid, bundles: TrustBundles | None, *, now: datetime
 ) -> VerifiedSvid:
@@ -202,6 +218,10 @@ def validate_x509_svid(
         der, spki
     ):
         raise _reject(svid, "key_mismatch", "private key does not match the leaf certificate")
+
+    weakness = _weak_key(leaf.public_key())
+    if weakness:
+        raise _reject(svid, "weak_key", f"{weakness}; Envoy refuses it (NACK)")
 
     for position, cert in enumerate(chain):
         which = "leaf" if position == 0 else f"chain certificate #{position}"

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.cache.keys import WorkloadUid
+from agent.errors import SvidRejected
 from agent.model import X509Bundles
 from agent.spire.validation import TrustBundles, validate_x509_svid
 from tests.envoyproc import EnvoyProcess, sds_bootstrap
@@ -195,14 +196,17 @@ async def test_an_invalid_svid_from_spire_is_never_pushed(
 
 async def test_envoy_nack_keeps_its_secret_and_the_rejected_one_is_not_resent(
         work_dir: Path, as_user: AsUser, pki: Pki) -> None:
-    """An SVID the agent's own validation accepts but Envoy refuses (an RSA-1024 key: Envoy
-    wants 2048 bits or more) is NACKed: Envoy keeps the last good one; the agent counts and
-    logs the NACK's error_detail and never pushes that secret again. (The SVID comes from a
-    scripted cache: dev-spire mints only the key types SPIRE does.)"""
+    """A secret Envoy refuses (an RSA-1024 key: Envoy wants 2048 bits or more) is NACKed:
+    Envoy keeps the last good one; the agent counts and logs the NACK's error_detail and
+    never pushes that secret again. The agent's own validation rejects such keys too
+    (``weak_key``), so the SVID is fed through a scripted cache to reach Envoy at all: the
+    NACK path stays proven for whatever else Envoy may refuse."""
     needs_root()
     weak = svid_with_key(pki.ca, ID_A, rsa.generate_private_key(65537, 1024))
     trust = TrustBundles.parse(X509Bundles({pki.ca.key_name: (pki.ca.der,)}))
-    validate_x509_svid(weak, trust, now=datetime.now(UTC))  # the gate would let it through
+    with pytest.raises(SvidRejected) as rejected:  # the real cache's gate stops it first
+        validate_x509_svid(weak, trust, now=datetime.now(UTC))
+    assert rejected.value.reason == "weak_key"
 
     harness = await scripted_server(work_dir)
     try:

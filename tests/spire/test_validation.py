@@ -7,7 +7,7 @@ import datetime as dt
 import logging
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.errors import SvidPending, SvidRejected
 from agent.model import X509Bundles, X509Svid, X509SvidUpdate
@@ -279,3 +279,19 @@ def test_gate_rechecks_not_yet_valid_when_asked(gate: SvidGate, clock: Clock, ca
     clock.now = NOW + dt.timedelta(seconds=31)
     assert gate.recheck().svids == (early,)
     assert gate.rejections == {"not_yet_valid": 1}
+
+
+@pytest.mark.parametrize(("make_key", "accepted"), [
+    (lambda: ec.generate_private_key(ec.SECP256K1()), False),
+    (lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024), False),
+    (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), True),
+    (lambda: ec.generate_private_key(ec.SECP384R1()), True),
+], ids=["secp256k1", "rsa1024", "rsa2048", "p384"])
+def test_keys_envoy_would_refuse_are_rejected(ca: Ca, trust: TrustBundles, make_key: object,
+                                              accepted: bool) -> None:
+    """Envoy 1.40 NACKs RSA-1024 and secp256k1 leaves that pass every X.509 check."""
+    svid = ca.svid(key=make_key())  # type: ignore[operator]
+    if accepted:
+        validate_x509_svid(svid, trust, now=NOW)
+    else:
+        assert reason_of(svid, trust) == "weak_key"
