@@ -240,6 +240,16 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         self.stats.streams_active += 1
         return view
 
+    async def _begin_stream(self, context: Any, requests: AsyncIterator[Any], method: str
+                            ) -> tuple[Caller, _Mailbox, View, asyncio.Task[None]]:
+        """Identifies the caller, opens its view, and starts reading its requests."""
+        caller = await self._identify(context, method)
+        mailbox = _Mailbox()
+        view = await self._open(context, caller, mailbox)
+        reader = asyncio.create_task(self._read(requests, mailbox),
+                                     name=f"sds {method} read {caller.describe()}")
+        return caller, mailbox, view, reader
+
     async def _close(self, view: View, mailbox: _Mailbox,
                      reader: asyncio.Task[None] | None) -> None:
         if reader is not None:
@@ -275,12 +285,9 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
 
     async def StreamSecrets(self, request_iterator: AsyncIterator[Any],
                             context: Any) -> AsyncIterator[Any]:
-        caller = await self._identify(context, "StreamSecrets")
+        caller, mailbox, view, reader = await self._begin_stream(
+            context, request_iterator, "StreamSecrets")
         self.stats.streams_opened += 1
-        mailbox = _Mailbox()
-        view = await self._open(context, caller, mailbox)
-        reader = asyncio.create_task(self._read(request_iterator, mailbox),
-                                     name=f"sds read {caller.describe()}")
         protocol = SotwProtocol()
         self._log.debug("SDS stream opened by %s (%s)", caller.describe(), caller.key)
         try:
@@ -327,12 +334,9 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
 
     async def DeltaSecrets(self, request_iterator: AsyncIterator[Any],
                            context: Any) -> AsyncIterator[Any]:
-        caller = await self._identify(context, "DeltaSecrets")
+        caller, mailbox, view, reader = await self._begin_stream(
+            context, request_iterator, "DeltaSecrets")
         self.stats.delta_streams_opened += 1
-        mailbox = _Mailbox()
-        view = await self._open(context, caller, mailbox)
-        reader = asyncio.create_task(self._read(request_iterator, mailbox),
-                                     name=f"sds delta read {caller.describe()}")
         protocol = DeltaProtocol()
         reported: set[tuple[str, str]] = set()  # unmet names logged on this stream
         try:

@@ -30,7 +30,25 @@ def secrets_of(response: Any) -> dict[str, Any]:
     return out
 
 
-class SotwClient:
+class _StreamClient:
+    """What both stream clients share: the channel, the call, and reading responses."""
+
+    channel: grpc.aio.Channel
+    call: Any
+    last: Any = None
+
+    async def read(self, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
+        response = await asyncio.wait_for(self.call.read(), timeout)
+        assert response is not grpc.aio.EOF, "the stream ended"
+        self.last = response
+        return response
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+class SotwClient(_StreamClient):
     """One StreamSecrets stream. ``options``: channel options (grpc.aio)."""
 
     def __init__(self, socket: Path | str, options: Sequence[tuple[str, Any]] = ()) -> None:
@@ -50,11 +68,6 @@ class SotwClient:
             request.error_detail.CopyFrom(status_pb2.Status(code=13, message=error))
         await self.call.write(request)
 
-    async def read(self, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
-        response = await asyncio.wait_for(self.call.read(), timeout)
-        assert response is not grpc.aio.EOF, "the stream ended"
-        self.last = response
-        return response
 
     async def ack(self, names: Sequence[str]) -> None:
         await self.request(names, nonce=self.last.nonce, version=self.last.version_info)
@@ -71,12 +84,9 @@ class SotwClient:
             return error.code(), error.details() or ""
         return await self.call.code(), await self.call.details()
 
-    async def close(self) -> None:
-        self.call.cancel()
-        await self.channel.close()
 
 
-class DeltaClient:
+class DeltaClient(_StreamClient):
     """One DeltaSecrets stream."""
 
     def __init__(self, socket: Path | str) -> None:
@@ -97,18 +107,9 @@ class DeltaClient:
             request.error_detail.CopyFrom(status_pb2.Status(code=13, message=error))
         await self.call.write(request)
 
-    async def read(self, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
-        response = await asyncio.wait_for(self.call.read(), timeout)
-        assert response is not grpc.aio.EOF, "the stream ended"
-        self.last = response
-        return response
-
     async def ack(self) -> None:
         await self.request(nonce=self.last.nonce)
 
-    async def close(self) -> None:
-        self.call.cancel()
-        await self.channel.close()
 
 
 async def fetch(socket: Path | str, names: Sequence[str], *,
