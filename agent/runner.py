@@ -57,9 +57,11 @@ def describe_bundles(bundles: X509Bundles | JwtBundles) -> str:
 class OwnIdentityFollower:
     """Follows the agent's own SVIDs and the bundles, through an SvidGate."""
 
-    def __init__(self, client: DelegatedIdentityClient, pid: int) -> None:
+    def __init__(self, client: DelegatedIdentityClient, pid: int, *,
+                 on_trust_domain: Callable[[str], None] | None = None) -> None:
         self._client = client
         self._pid = pid
+        self._on_trust_domain = on_trust_domain
         self.gate = SvidGate(label="spiffe-delegate's own identity")
         self.changed = asyncio.Event()
         self._in_use: tuple[bytes, ...] = ()
@@ -72,6 +74,8 @@ class OwnIdentityFollower:
         self._in_use = in_use
         for line in describe_update(update, datetime.now(UTC)):
             _LOG.info("X.509-SVID in use: %s", line)
+        if update.svids and self._on_trust_domain is not None:
+            self._on_trust_domain(update.svids[0].trust_domain)
         self.changed.set()
 
     async def follow_svids(self) -> None:
@@ -174,7 +178,8 @@ class Agent:
             raise
         await self.cache.start()
         if self._follow_own:
-            follower = OwnIdentityFollower(self.client, os.getpid())
+            follower = OwnIdentityFollower(self.client, os.getpid(),
+                                           on_trust_domain=self.cache.learn_trust_domain)
             retry = self.settings.reconnect.maximum
             self._tasks = [
                 asyncio.create_task(_keep_following("own X.509-SVIDs", follower.follow_svids,

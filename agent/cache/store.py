@@ -41,7 +41,8 @@ class CacheSettings:
     long a pod keeps a shared identity after its registration entry changed.
     ``rescan_interval`` (identity mode): how often a group without a usable carrier looks
     for one again. ``retry_interval``: the wait after the bundle stream failed for good.
-    ``trust_domain``: the local trust domain, whose bundle every state carries."""
+    ``trust_domain``: the local trust domain, whose bundle every state carries; when not
+    set, the one given to :meth:`SvidCache.learn_trust_domain` (the agent's own SVID's)."""
 
     key_mode: KeyMode = KeyMode.WORKLOAD
     grace_period: float = 30.0
@@ -127,6 +128,7 @@ class SvidCache:
         self._started = False
         self._closed = False
         self._bundles_seen = asyncio.Event()
+        self._learned_trust_domain: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -267,18 +269,36 @@ class SvidCache:
             if view.feed is feed:
                 self._publish(view)
 
+    @property
+    def local_trust_domain(self) -> str | None:
+        """The agent's trust domain: configured, else learned, else None."""
+        return self.settings.trust_domain or self._learned_trust_domain
+
+    def learn_trust_domain(self, trust_domain: str) -> None:
+        """Takes the agent's trust domain from SPIRE (its own SVID's) when none is
+        configured, so ``ROOTCA`` names a bundle before a workload has an SVID."""
+        if self.settings.trust_domain or trust_domain == self._learned_trust_domain:
+            return
+        self._learned_trust_domain = trust_domain
+        self._log.info("local trust domain %s (from spiffe-delegate's own SVID)", trust_domain)
+        for view in list(self._views.values()):
+            self._publish(view)
+
     def _publish(self, view: _View) -> None:
         feed = view.feed
         if not feed.known:
             return
         accepted = feed.accepted
         own_domains = {trust_domain_key(svid.trust_domain) for svid in accepted.svids}
-        if self.settings.trust_domain:
-            own_domains.add(trust_domain_key(self.settings.trust_domain))
+        local = self.local_trust_domain
+        if local:
+            own_domains.add(trust_domain_key(local))
         bundles = self._pick_bundles(own_domains)
         federated = self._pick_bundles(set(accepted.federates_with))
+        trust_domain = accepted.svids[0].trust_domain if accepted.svids else (local or "")
         view.publisher.publish(accepted.svids, bundles=bundles, federated_bundles=federated,
-                               federates_with=accepted.federates_with, source=feed.key)
+                               federates_with=accepted.federates_with, source=feed.key,
+                               trust_domain=trust_domain)
 
     def _pick_bundles(self, domains: set[str]) -> Bundles:
         if self._bundles is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -32,7 +33,9 @@ class CacheState:
     ``bundles`` holds the bundles of the SVIDs' own trust domains (and of the configured
     local trust domain); ``federated_bundles`` those of ``federates_with`` that SPIRE has
     sent. ``source`` is the cache entry the SVIDs came from (the workload itself, or the
-    shared ``Identity`` in identity mode).
+    shared ``Identity`` in identity mode). ``trust_domain`` is the workload's own trust
+    domain (bare name): that of its first SVID, else the agent's (configured or learned
+    from the agent's own SVID), else empty when neither is known yet.
     """
 
     version: int
@@ -41,6 +44,7 @@ class CacheState:
     federated_bundles: Bundles = field(default_factory=lambda: _NO_BUNDLES)
     federates_with: tuple[str, ...] = ()
     source: CompositeId | None = None
+    trust_domain: str = ""
 
     @property
     def empty(self) -> bool:
@@ -57,9 +61,9 @@ class CacheState:
     def same_content(self, other: CacheState) -> bool:
         """Equal in everything but the version."""
         return (self.svids, dict(self.bundles), dict(self.federated_bundles),
-                self.federates_with, self.source) == (
+                self.federates_with, self.source, self.trust_domain) == (
                     other.svids, dict(other.bundles), dict(other.federated_bundles),
-                    other.federates_with, other.source)
+                    other.federates_with, other.source, other.trust_domain)
 
 
 class StatePublisher:
@@ -81,16 +85,17 @@ class StatePublisher:
 
     def publish(self, svids: tuple[X509Svid, ...], *, bundles: Bundles = _NO_BUNDLES,
                 federated_bundles: Bundles = _NO_BUNDLES, federates_with: tuple[str, ...] = (),
-                source: CompositeId | None = None) -> CacheState | None:
+                source: CompositeId | None = None, trust_domain: str = ""
+                ) -> CacheState | None:
         """Makes a new state current unless it equals the current one; returns it if new."""
         if self._closed:
             return None
         candidate = CacheState(0, svids, MappingProxyType(dict(bundles)),
-                               MappingProxyType(dict(federated_bundles)), federates_with, source)
+                               MappingProxyType(dict(federated_bundles)), federates_with, source,
+                               trust_domain)
         if self._latest is not None and self._latest.same_content(candidate):
             return None
-        state = CacheState(next(self._versions), candidate.svids, candidate.bundles,
-                           candidate.federated_bundles, federates_with, source)
+        state = dataclasses.replace(candidate, version=next(self._versions))
         self._latest = state
         self._wake()
         return state

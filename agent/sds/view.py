@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from agent.cache.keys import WorkloadKey, WorkloadUid
 from agent.cache.watch import CacheState, Watch, WatchClosed
 from agent.sds.caller import Caller
-from agent.sds.names import NameKind, SdsNames, classify
+from agent.sds.names import NameKind, RequestedName, SdsNames, classify
 from agent.sds.resources import select_secrets, tls_certificate_secret, use_spiffe_validator
 
 __all__ = ["EVERYTHING", "NoIdentityLog", "Resolution", "View", "ViewSettings", "WatchSource"]
@@ -30,6 +30,7 @@ EVERYTHING = "*"
 """The key under which an empty request (all resources) waits in ``Resolution.waiting``."""
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_BUNDLE_KINDS = frozenset({NameKind.LOCAL_BUNDLE, NameKind.ALL_BUNDLES, NameKind.TRUST_DOMAIN})
 
 
 def _no_reasons() -> Mapping[str, str]:
@@ -165,16 +166,15 @@ class View:
                 if asked.kind is NameKind.WORKLOAD}
 
         state = self._own.state
-        if state is None or state.empty:
+        if state is None:
             self._follow_pods(set())
-            why = ("the caller is still being attested" if state is None
-                   else "SPIRE issues no identity to the caller")
+            why = "the caller is still being attested"
             pending = ({name: why for name in wanted if name not in invalid} if wanted
                        else {EVERYTHING: why})
-            if state is None:
-                return Resolution(0, _EMPTY, waiting=pending, invalid=invalid)
-            self._no_identity.report(self.caller)
-            return Resolution(state.version, _EMPTY, unissued=pending, invalid=invalid)
+            return Resolution(0, _EMPTY, waiting=pending, invalid=invalid)
+        if state.empty:
+            self._follow_pods(set())
+            return self._resolve_without_identity(state, wanted, kinds, invalid, node)
         self._no_identity.clear(self.caller.key)
 
         denied: dict[str, str] = {}
@@ -186,7 +186,7 @@ class View:
         else:
             self._follow_pods(set(pods.values()))
 
-        trust_domain = state.svids[0].trust_domain or self._settings.trust_domain or ""
+        trust_domain = state.trust_domain or self._settings.trust_domain or ""
         selection = select_secrets(wanted, state.svids, state.all_bundles(), trust_domain,
                                    spiffe_validator=use_spiffe_validator(node, names),
                                    names=names)
@@ -212,6 +212,42 @@ class View:
                     unmet[name] = str(exc)
         return Resolution(version, secrets, waiting=waiting, unissued=unissued, unmet=unmet,
                           invalid=invalid, denied=denied)
+
+    def _resolve_without_identity(self, state: CacheState, wanted: list[str],
+                                  kinds: Mapping[str, RequestedName],
+                                  invalid: Mapping[str, str], node: Any) -> Resolution:
+        """A caller SPIRE issues nothing to gets bundles it names (public CA certificates,
+        as SPIRE's SDS server serves them) and nothing else: SVID names, and an empty
+        request (everything), wait until an entry matches it."""
+        self._no_identity.report(self.caller)
+        why = "SPIRE issues no identity to the caller"
+        if not wanted:
+            return Resolution(state.version, _EMPTY, unissued={EVERYTHING: why},
+                              invalid=invalid)
+        trust_domain = state.trust_domain or self._settings.trust_domain or ""
+        unissued: dict[str, str] = {}
+        bundle_names: list[str] = []
+        for name in wanted:
+            kind = kinds[name].kind
+            if name in invalid:
+                continue
+            if kind not in _BUNDLE_KINDS:
+                unissued[name] = why
+            elif kind is NameKind.LOCAL_BUNDLE and not trust_domain:
+                unissued[name] = ("the local trust domain is not known yet (set "
+                                  "--trust-domain, or register spiffe-delegate itself)")
+            else:
+                bundle_names.append(name)
+        secrets: dict[str, Any] = {}
+        if bundle_names:
+            selection = select_secrets(
+                bundle_names, (), state.all_bundles(), trust_domain,
+                spiffe_validator=use_spiffe_validator(node, self._settings.names),
+                names=self._settings.names)
+            secrets = {str(secret.name): secret for secret in selection.secrets}
+            # A bundle missing now may come with the bundle stream or an entry: wait.
+            unissued.update(selection.reasons)
+        return Resolution(state.version, secrets, unissued=unissued, invalid=invalid)
 
     def _follow_pods(self, uids: set[str]) -> None:
         for uid in list(self._pods):

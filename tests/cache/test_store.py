@@ -205,6 +205,36 @@ async def test_unmatched_workload_gets_an_empty_state_and_one_log_line(
     assert (await asyncio.wait_for(watch.next(state.version), 5)).svids
 
 
+async def test_an_unmatched_workload_carries_the_learned_local_trust_domain(
+        cache: SvidCache, source: FakeSource, ca: Ca) -> None:
+    """No --trust-domain: the state of a workload without SVIDs names no trust domain and
+    no bundle until the agent learns its own (from its SVID); then it carries both."""
+    watch = cache.watch(pod())
+    await eventually(lambda: bool(source.streams[pod()]))
+    source.last(pod()).push()
+    state = await first_state(watch)
+    assert state.empty and state.trust_domain == "" and not state.bundles
+
+    cache.learn_trust_domain("example.org")
+    learned = await asyncio.wait_for(watch.next(state.version), 5)
+    assert learned.trust_domain == "example.org"
+    assert learned.bundles == {"spiffe://example.org": (ca.der,)}
+    cache.learn_trust_domain("example.org")  # nothing new
+    await still_waiting(watch, learned.version)
+
+    source.last(pod()).push(ca.svid("/web"))
+    issued = await asyncio.wait_for(watch.next(learned.version), 5)
+    assert issued.trust_domain == "example.org" and issued.svids
+
+
+async def test_a_configured_trust_domain_is_not_replaced_by_a_learned_one(
+        source: FakeSource, clock: ManualClock) -> None:
+    settings = CacheSettings(trust_domain="example.org")
+    async with SvidCache(source, clock=clock, settings=settings) as cache:
+        cache.learn_trust_domain("elsewhere.test")
+        assert cache.local_trust_domain == "example.org"
+
+
 async def test_cache_close_ends_watches(source: FakeSource, clock: ManualClock) -> None:
     cache = SvidCache(source, clock=clock)
     watch = cache.watch(pod())

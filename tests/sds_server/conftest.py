@@ -102,9 +102,9 @@ class Stack:
         await eventually(lambda: self.spire.stats.entries_reloads > before,
                          what="dev-spire to reload its entries")
 
-    async def start_agent(self, **changes: Any) -> Agent:
+    async def start_agent(self, *, follow_own_identity: bool = False, **changes: Any) -> Agent:
         settings = dataclasses.replace(self.agent_settings, **changes)
-        self.agent = Agent(settings, follow_own_identity=False)
+        self.agent = Agent(settings, follow_own_identity=follow_own_identity)
         await self.agent.start()
         return self.agent
 
@@ -172,9 +172,10 @@ class FakeCache:
 
     def publish(self, svids: Sequence[X509Svid], bundles: Mapping[str, tuple[bytes, ...]],
                 *, federated: Mapping[str, tuple[bytes, ...]] | None = None,
-                key: WorkloadKey | None = None) -> CacheState | None:
+                key: WorkloadKey | None = None, trust_domain: str = "") -> CacheState | None:
         kwargs: dict[str, Any] = {"svids": tuple(svids), "bundles": dict(bundles),
-                                  "federated_bundles": dict(federated or {})}
+                                  "federated_bundles": dict(federated or {}),
+                                  "trust_domain": trust_domain}
         if key is not None:
             publisher = self.publishers.setdefault(key, StatePublisher(self._versions))
             return publisher.publish(**kwargs)
@@ -246,11 +247,13 @@ class Scripted:
 
 
 async def scripted_server(work: Path, *, trusted: Sequence[str] = (),
-                          fetch_timeout: float = 2.0) -> Scripted:
+                          fetch_timeout: float = 2.0, trust_domain: str | None = TD
+                          ) -> Scripted:
     cache = FakeCache()
     socket = work / "sds.sock"
     server = SdsServer(SdsSettings(socket, view=ViewSettings(
-        trust_domain=TD, trusted_proxies=frozenset(trusted)), fetch_timeout=fetch_timeout),
+        trust_domain=trust_domain, trusted_proxies=frozenset(trusted)),
+        fetch_timeout=fetch_timeout),
         cache)
     await server.start()
     return Scripted(cache, server, socket)

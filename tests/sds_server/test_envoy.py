@@ -8,6 +8,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -96,20 +97,12 @@ async def test_envoys_in_two_pods_get_their_own_identities_and_talk_mtls(
             registry_port = registry.sockets[0].getsockname()[1]
             proxy_port, mtls_port = free_port(), free_port()
             try:
-                side = envoy_factory(rewrite((DEPLOY / "registry-side.yaml").read_text(), {
-                    SOCKET_IN_CONFIG: str(stack.sds_socket),
-                    "address: 0.0.0.0, port_value: 5443":
-                        f"address: 127.0.0.1, port_value: {mtls_port}",
-                    "port_value: 5001": f"port_value: {registry_port}",
-                    "port_value: 9902": "port_value: 0",
-                }), binary=pod_launcher(registry_pod, work_dir))
-                proxy = envoy_factory(rewrite((DEPLOY / "node-proxy.yaml").read_text(), {
-                    SOCKET_IN_CONFIG: str(stack.sds_socket),
-                    "port_value: 5000": f"port_value: {proxy_port}",
-                    "address: zarf-docker-registry.zarf.svc.cluster.local, port_value: 5443":
-                        f"address: 127.0.0.1, port_value: {mtls_port}",
-                    "port_value: 9901": "port_value: 0",
-                }), binary=pod_launcher(proxy_pod, work_dir))
+                side = envoy_factory(
+                    registry_side_config(stack.sds_socket, mtls_port, registry_port),
+                    binary=pod_launcher(registry_pod, work_dir))
+                proxy = envoy_factory(
+                    node_proxy_config(stack.sds_socket, proxy_port, mtls_port),
+                    binary=pod_launcher(proxy_pod, work_dir))
                 await asyncio.gather(side.astart(wait_ready=False),
                                      proxy.astart(wait_ready=False))
                 for envoy in (side, proxy):
@@ -130,6 +123,90 @@ async def test_envoys_in_two_pods_get_their_own_identities_and_talk_mtls(
                         WorkloadUid(registry_pod.pod_uid)} <= watched
             finally:
                 registry.close()
+
+
+def registry_side_config(sds_socket: Path, mtls_port: int, registry_port: int) -> str:
+    """deploy/envoy/registry-side.yaml as shipped, with the socket and ports moved."""
+    return rewrite((DEPLOY / "registry-side.yaml").read_text(), {
+        SOCKET_IN_CONFIG: str(sds_socket),
+        "address: 0.0.0.0, port_value: 5443": f"address: 127.0.0.1, port_value: {mtls_port}",
+        "port_value: 5001": f"port_value: {registry_port}",
+        "port_value: 9902": "port_value: 0",
+    })
+
+
+class PullLoop:
+    """GETs through the node proxy back to back in a thread until stopped; every failure
+    (a status other than 200, or an exception) is kept with the time it happened."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pull loop", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, body = plain_http("GET", self.url)
+            except OSError as exc:
+                self.failures.append(f"{time.monotonic():.3f} {exc!r}")
+                continue
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failures.append(f"{time.monotonic():.3f} {status} {body[:200]}")
+
+    async def __aenter__(self) -> PullLoop:
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Joined off the event loop: the upstream registry may be served by this loop.
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 15)
+
+
+async def test_rotations_under_a_pull_loop_fail_no_request(
+        work_dir: Path, as_user: AsUser) -> None:
+    """The shipped node-proxy and registry-side configs over mTLS, a pull loop running
+    throughout: three rotations of each identity each show up as a new serial in that
+    Envoy's /certs, and not one request fails."""
+    needs_root()
+    entries = [entry(PROXY_ID, f"unix:uid:{UID_A}"), entry(REGISTRY_ID, f"unix:uid:{UID_B}")]
+    async with running(work_dir, entries) as stack:
+        registry = await asyncio.start_server(echo_registry, "127.0.0.1", 0)
+        registry_port = registry.sockets[0].getsockname()[1]
+        proxy_port, mtls_port = free_port(), free_port()
+        try:
+            side = as_user(registry_side_config(stack.sds_socket, mtls_port, registry_port),
+                           UID_B)
+            proxy = as_user(node_proxy_config(stack.sds_socket, proxy_port, mtls_port), UID_A)
+            await asyncio.gather(side.astart(wait_ready=False), proxy.astart(wait_ready=False))
+            for envoy in (side, proxy):
+                await envoy.await_until(has_secrets("default", "ALL"), what="default and ALL")
+            url = f"http://127.0.0.1:{proxy_port}/v2/"
+            status, body = await asyncio.to_thread(plain_http, "GET", url)
+            assert status == 200, body + side.log_tail()
+
+            async with PullLoop(url) as loop:
+                for spiffe_id, envoy in [(PROXY_ID, proxy), (REGISTRY_ID, side)] * 3:
+                    before = await held_serials(envoy)
+                    pulled = loop.ok
+                    await stack.spire.rotate_now(spiffe_id)
+                    await envoy.await_until(
+                        lambda e, old=before: e.certs().chain_serials not in (old, set()),
+                        what=f"the rotated serial of {spiffe_id}")
+                    await eventually(lambda n=pulled: loop.ok >= n + 5,
+                                     what="pulls with the new certificate")
+            assert loop.failures == [], loop.failures[:5]
+            assert loop.ok >= 30
+            for envoy in (side, proxy):
+                assert await envoy.acall(envoy.sds_counter, "default", "update_rejected") == 0
+            assert stack.sds.stats.nacks == 0
+        finally:
+            registry.close()
 
 
 async def test_uid_entries_rotation_and_fetch(work_dir: Path, as_user: AsUser) -> None:
@@ -241,17 +318,37 @@ async def test_envoy_nack_keeps_its_secret_and_the_rejected_one_is_not_resent(
 
 # --- start-up order, restarts, delta --------------------------------------------------
 
-async def test_envoy_started_first_and_an_agent_restart_underneath(
+def node_proxy_config(sds_socket: Path, proxy_port: int, registry_port: int) -> str:
+    """deploy/envoy/node-proxy.yaml as shipped, with the socket and ports moved."""
+    return rewrite((DEPLOY / "node-proxy.yaml").read_text(), {
+        SOCKET_IN_CONFIG: str(sds_socket),
+        "port_value: 5000": f"port_value: {proxy_port}",
+        "address: zarf-docker-registry.zarf.svc.cluster.local, port_value: 5443":
+            f"address: 127.0.0.1, port_value: {registry_port}",
+        "port_value: 9901": "port_value: 0",
+    })
+
+
+async def test_shipped_envoy_started_first_holds_its_certificate_within_a_second(
         work_dir: Path, as_user: AsUser) -> None:
+    """The node proxy config as shipped, started 2 s before the agent (long enough for
+    its retry back-off to reach the maximum), gets default and ALL within one second of the
+    agent's socket coming up; then the agent restarts underneath a running Envoy."""
     needs_root()
-    async with running(work_dir, [entry(ID_A, f"unix:uid:{UID_A}")], agent=False) as stack:
-        envoy = as_user(sds_bootstrap(stack.sds_socket), UID_A)
+    async with running(work_dir, [entry(PROXY_ID, f"unix:uid:{UID_A}")], agent=False,
+                       trust_domain=None) as stack:
+        envoy = as_user(node_proxy_config(stack.sds_socket, free_port(), free_port()), UID_A)
         await envoy.astart(wait_ready=False)
+        await asyncio.sleep(2.0)
         assert not stack.sds_socket.exists()
-        started = time.monotonic()
-        await stack.start_agent()
-        await envoy.await_until(has_secrets("default", "ROOTCA"), timeout=5)
-        assert time.monotonic() - started < 3.0  # Envoy's retry back-off is 0.5 s at most
+        agent = await stack.start_agent()
+        up = time.monotonic()
+        await eventually(lambda: agent.sds.stats.responses >= 2, timeout=5,
+                         what="default and ALL to be pushed")
+        delay = time.monotonic() - up
+        assert delay < 1.0, f"Envoy got its secrets {delay:.2f}s after the agent came up"
+        await envoy.await_until(has_secrets("default", "ALL"), timeout=5)
+        assert await envoy.acall(uris_held, envoy) == {PROXY_ID}
         first = await held_serials(envoy)
 
         await stack.stop_agent()
@@ -260,12 +357,29 @@ async def test_envoy_started_first_and_an_agent_restart_underneath(
         assert await envoy.acall(envoy.ready_state) == "LIVE"
         assert await held_serials(envoy) == first
 
-        await stack.spire.rotate_now(ID_A)  # while no agent runs
+        await stack.spire.rotate_now(PROXY_ID)  # while no agent runs
         agent = await stack.start_agent()
         await envoy.await_until(lambda e: e.certs().chain_serials not in (first, set()),
                                 what="the new agent's push after Envoy reconnected")
         await eventually(lambda: agent.sds.stats.streams_opened >= 2,
                          what="both of Envoy's streams to reconnect")
+
+
+async def test_rootca_reaches_an_envoy_that_spire_issues_nothing_to(
+        work_dir: Path, as_user: AsUser) -> None:
+    """No entry matches this Envoy and no --trust-domain is set: ROOTCA still arrives (the
+    agent's trust domain, learned from its own SVID), and default does not."""
+    needs_root()
+    async with running(work_dir, [entry(ID_B, f"unix:uid:{UID_B}")], agent=False,
+                       trust_domain=None) as stack:
+        await stack.start_agent(follow_own_identity=True)
+        envoy = as_user(sds_bootstrap(stack.sds_socket, validation_contexts=["ROOTCA"]),
+                        UID_A)
+        await envoy.astart(wait_ready=False)
+        await envoy.await_until(has_secrets("ROOTCA"), what="ROOTCA")
+        ca_serial = x509.load_der_x509_certificate(stack.spire.bundle_der()).serial_number
+        assert ca_serial in (await envoy.acall(envoy.certs)).ca_serials
+        assert await envoy.acall(envoy.sds_counter, "default", "update_success") == 0
 
 
 async def test_delta_grpc_envoy_including_a_restart(work_dir: Path,

@@ -173,6 +173,57 @@ async def test_a_caller_without_identity_waits_and_is_logged_once(
             await client.close()
 
 
+async def test_a_caller_without_identity_gets_bundles_it_names_and_nothing_else(
+        scripted: Scripted, pki: Pki) -> None:
+    """As SPIRE's SDS server: ROOTCA (the agent's trust domain, here --trust-domain), ALL
+    and spiffe://<td> are public CA certificates and are served; a stream that also asks
+    for an SVID waits, and so does an empty (everything) request."""
+    scripted.cache.publish([], pki.bundles)
+    for names in (["ROOTCA"], ["ALL"], [f"spiffe://{TD}"]):
+        response = await fetch(scripted.socket, names)
+        assert set(secrets_of(response)) == set(names)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fetch(scripted.socket, ["default"])
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    bundle_only, mixed = SotwClient(scripted.socket), SotwClient(scripted.socket)
+    try:
+        await bundle_only.request(["ROOTCA"])
+        response = await bundle_only.read()
+        assert [r.name for r in secrets_of(response).values()] == ["ROOTCA"]
+        await mixed.request(["default", "ROOTCA"])
+        await eventually(lambda: scripted.server.stats.streams_active == 2)
+        reading = asyncio.ensure_future(mixed.read())
+        done, _ = await asyncio.wait([reading], timeout=0.3)
+        assert not done, "a stream asking for an SVID was answered without one"
+        reading.cancel()
+    finally:
+        await bundle_only.close()
+        await mixed.close()
+
+
+async def test_rootca_without_identity_follows_the_trust_domain_the_cache_learned(
+        work_dir: Path, pki: Pki) -> None:
+    """No --trust-domain: ROOTCA waits until the cache knows the local trust domain (the
+    agent's own SVID's), then names that bundle."""
+    harness = await scripted_server(work_dir, trust_domain=None)
+    client = SotwClient(harness.socket)
+    try:
+        harness.cache.publish([], pki.bundles)
+        await client.request(["ROOTCA"])
+        key = await _watched_key(harness)
+        reading = asyncio.ensure_future(client.read())
+        done, _ = await asyncio.wait([reading], timeout=0.3)
+        assert not done, "ROOTCA was served without a known trust domain"
+        harness.cache.publish([], pki.bundles, key=key, trust_domain=TD)
+        response = await reading
+        assert list(secrets_of(response)) == ["ROOTCA"]
+    finally:
+        await client.close()
+        harness.cache.close()
+        await harness.server.stop(grace=1)
+
+
 async def _watched_key(scripted: Scripted) -> object:
     await eventually(lambda: bool(scripted.cache.watched), what="a watch")
     return scripted.cache.watched[0]
