@@ -1,4 +1,4 @@
-"""Fake Kubernetes pods made of real cgroups, with real processes in them (needs root).
+"""Fake Kubernetes pods for tests: :mod:`agent.podsim`, with skipping instead of failing.
 
 Usage::
 
@@ -10,326 +10,78 @@ Usage::
             proc = pod.spawn(["sleep", "60"])      # already in the pod's cgroup when it execs
             assert ProcReader().pod_of(proc.pid) == pod.pod_uid
 
-``fake_pod`` creates the same directories a kubelet would, under the real cgroup mounts
-found in /proc/self/mountinfo, e.g.
-
-* ``systemd-v1``: ``<name=systemd>/kubepods.slice/kubepods-burstable.slice/
-  kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<64hex>.scope``
-* ``cgroupfs-v2``: ``<cgroup2>/kubepods/burstable/pod<uid>/<64hex>``
-
-(``systemd-v2``, ``systemd-hybrid`` (v1 name=systemd and cgroup2 together) and
-``cgroupfs-v1`` as well). The pod UID and container ID are random unless given, so tests
-may run in parallel. On exit, even after a failure, every process left in the pod's
-cgroups is killed and the cgroups are removed leaf first; shared parents
-(``kubepods.slice``, the QoS slice) are removed only when no other pod uses them.
-
-Only the named ``systemd`` v1 hierarchy, the ``pids`` v1 controller and cgroup2 are ever
-used: other controllers (memory, cpu, ...) may belong to whatever runs the tests.
-
-The test is skipped (``pytest.skip``, with the reason) when not root, when the hierarchy is
-not mounted, or when the kernel refuses to create the cgroup or to move a process into it;
-pass ``skip=False`` to get the error instead.
+The pods, layouts and cleanup are :mod:`agent.podsim`'s (see its docstring). What this
+module adds: the test is skipped (``pytest.skip``, with the reason) when
+:class:`~agent.podsim.PodCgroupsUnavailable` is raised, whether while the pod is created
+(not root, hierarchy not mounted, the kernel refuses the cgroup) or inside the ``with``
+block (the kernel refuses to move a process in); pass ``skip=False`` to get the error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import secrets
-import shlex
-import shutil
-import signal
-import subprocess
-import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, NoReturn
 
 import pytest
 
-Layout = Literal["systemd-v1", "systemd-v2", "systemd-hybrid", "cgroupfs-v1", "cgroupfs-v2"]
-QoS = Literal["guaranteed", "burstable", "besteffort"]
-Runtime = Literal["containerd", "crio", "docker"]
+from agent.podsim import (
+    ALLOWED_HIERARCHIES,
+    V1_PIDS,
+    V1_SYSTEMD,
+    V2,
+    FakePod,
+    Layout,
+    PodCgroupsUnavailable,
+    QoS,
+    Runtime,
+    cgroup_paths,
+    container_dir_name,
+    create_pod,
+    find_hierarchy,
+    new_container_id,
+    new_pod_uid,
+    pod_relative_dir,
+)
 
-V1_SYSTEMD = "name=systemd"
-V1_PIDS = "pids"
-V2 = "cgroup2"
-ALLOWED_HIERARCHIES = frozenset({V1_SYSTEMD, V1_PIDS, V2})
-
-_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "systemd-v1": ("systemd", (V1_SYSTEMD,)),
-    "systemd-v2": ("systemd", (V2,)),
-    "systemd-hybrid": ("systemd", (V1_SYSTEMD, V2)),
-    "cgroupfs-v1": ("cgroupfs", (V1_PIDS,)),
-    "cgroupfs-v2": ("cgroupfs", (V2,)),
-}
-_SCOPE_PREFIX = {"containerd": "cri-containerd-", "crio": "crio-", "docker": "docker-"}
-_CLEANUP_SECONDS = 10.0
-
-
-def new_pod_uid() -> str:
-    return str(uuid.uuid4())
-
-
-def new_container_id() -> str:
-    return secrets.token_hex(32)
-
-
-def cgroup_paths(pid: int) -> list[str]:
-    """The path part of every line of /proc/<pid>/cgroup."""
-    text = Path(f"/proc/{pid}/cgroup").read_text()
-    return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
-
-
-def find_hierarchy(spec: str) -> Path | None:
-    """Mount point of a cgroup hierarchy mounted at its root: ``cgroup2``, or a v1 super
-    option such as ``name=systemd`` or ``pids``. None when not mounted."""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        mount_fields, fs_fields = left.split(), right.split()
-        if len(mount_fields) < 5 or len(fs_fields) < 3 or mount_fields[3] != "/":
-            continue
-        fstype, super_options = fs_fields[0], fs_fields[2].split(",")
-        if (spec == V2 and fstype == "cgroup2") or (
-                spec != V2 and fstype == "cgroup" and spec in super_options):
-            return Path(mount_fields[4])
-    return None
-
-
-def pod_relative_dir(driver: str, qos: str, pod_uid: str) -> list[str]:
-    """The kubelet's directories from the hierarchy root down to the pod, one per level."""
-    if driver == "systemd":
-        escaped = pod_uid.replace("-", "_")
-        if qos == "guaranteed":
-            return ["kubepods.slice", f"kubepods-pod{escaped}.slice"]
-        return ["kubepods.slice", f"kubepods-{qos}.slice", f"kubepods-{qos}-pod{escaped}.slice"]
-    if qos == "guaranteed":
-        return ["kubepods", f"pod{pod_uid}"]
-    return ["kubepods", qos, f"pod{pod_uid}"]
-
-
-def container_dir_name(driver: str, runtime: str, container_id: str) -> str:
-    if driver == "systemd":
-        return f"{_SCOPE_PREFIX[runtime]}{container_id}.scope"
-    return f"crio-{container_id}" if runtime == "crio" else container_id
-
-
-@dataclass
-class FakePod:
-    """A pod's cgroups in one or more hierarchies; see the module docstring."""
-
-    pod_uid: str
-    container_id: str
-    layout: str
-    qos: str
-    runtime: str
-    driver: str
-    hierarchies: dict[str, Path]
-    skip: bool = True
-    containers: list[str] = field(default_factory=list)
-    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
-
-    @property
-    def pod_dirs(self) -> list[str]:
-        return pod_relative_dir(self.driver, self.qos, self.pod_uid)
-
-    def cgroup_path(self, container_id: str | None = None) -> str:
-        """The path as /proc/<pid>/cgroup shows it (outside any cgroup namespace)."""
-        cid = container_id or self.container_id
-        return "/" + "/".join([*self.pod_dirs, container_dir_name(self.driver, self.runtime, cid)])
-
-    def directories(self, container_id: str | None = None) -> list[Path]:
-        """The container's cgroup directory in each hierarchy."""
-        relative = self.cgroup_path(container_id).lstrip("/")
-        return [mount / relative for mount in self.hierarchies.values()]
-
-    def add_container(self, container_id: str | None = None) -> str:
-        """Creates a container's cgroups in this pod (a random ID if none is given);
-        returns its ID. Existing containers are left as they are."""
-        cid = container_id or new_container_id()
-        if cid in self.containers:
-            return cid
-        for directory in self.directories(cid):
-            try:
-                _makedirs(directory)
-            except OSError as err:
-                if self.skip:
-                    pytest.skip(f"the kernel refused to create cgroup {directory}: {err}")
-                raise
-        self.containers.append(cid)
-        return cid
-
-    def spawn(self, argv: Sequence[str], *, container_id: str | None = None,
-              uid: int | None = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
-        """Starts ``argv`` inside the container's cgroups and returns once it runs there.
-
-        A shell moves itself into the cgroups and then execs the program (dropping to
-        ``uid`` first, if given), so the program keeps one PID and never runs outside the
-        pod. No Python ``preexec_fn`` is used: in a process running gRPC, a forked child
-        would run gRPC's fork handlers, which can abort it (``ev_epoll1_linux.cc: Check
-        failed``) and leave a dead PID; without one, subprocess uses vfork+exec.
-        ``container_id`` defaults to the pod's first container; a new ID adds a container.
-        """
-        cid = self.add_container(container_id or self.container_id)
-        targets = [str(d / "cgroup.procs") for d in self.directories(cid)]
-        program = shutil.which(argv[0]) or argv[0]
-        enter = 'for t in "$@"; do echo $$ > "$t" || exit 111; done; exec '
-        if uid is not None:
-            if shutil.which("setpriv") is None:
-                pytest.skip("setpriv (util-linux) is needed to start pod processes as a user")
-            enter += f"setpriv --reuid={uid} --regid={uid} --clear-groups -- "
-        proc = subprocess.Popen(["sh", "-c", enter + shlex.join([program, *argv[1:]]), "sh",
-                                 *targets], **popen_kwargs)
-        self.processes.append(proc)
-        deadline = time.monotonic() + 5
-        while not _running_in(proc.pid, program, self.pod_uid, uid):
-            if proc.poll() is not None:
-                if proc.returncode == 111 and self.skip:
-                    pytest.skip(f"the kernel refused to move a process into {targets}")
-                raise RuntimeError(f"{argv} did not start in pod {self.pod_uid} "
-                                   f"(exit status {proc.returncode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{argv} did not start in pod {self.pod_uid} within 5s")
-            time.sleep(0.001)
-        return proc
-
-    def move(self, pid: int, container_id: str | None = None) -> None:
-        """Moves an already running process in. It ran outside the pod until now, so
-        prefer :meth:`spawn` where that matters."""
-        cid = self.add_container(container_id or self.container_id)
-        for directory in self.directories(cid):
-            (directory / "cgroup.procs").write_text(str(pid))
-
-    def pids(self, container_id: str | None = None) -> list[int]:
-        """PIDs in the container's cgroup, as the kernel lists them (first hierarchy)."""
-        return _procs(self.directories(container_id)[0])
-
-    def close(self) -> None:
-        """Kills every process in the pod and removes its cgroups; safe to call twice."""
-        errors: list[str] = []
-        for proc in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            try:
-                proc.wait(timeout=_CLEANUP_SECONDS)
-            except subprocess.TimeoutExpired:
-                errors.append(f"process {proc.pid} did not die")
-        self.processes.clear()
-        for mount in self.hierarchies.values():
-            for cid in self.containers:
-                leaf = mount / self.cgroup_path(cid).lstrip("/")
-                if not _empty_and_remove(leaf):
-                    errors.append(f"could not remove {leaf}")
-            parents = self.pod_dirs
-            for depth in range(len(parents), 0, -1):
-                directory = mount.joinpath(*parents[:depth])
-                try:
-                    directory.rmdir()
-                except OSError as err:
-                    # Shared parents stay while another pod (another test) uses them.
-                    if err.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
-                        errors.append(f"could not remove {directory}: {err}")
-        self.containers.clear()
-        if errors:
-            raise RuntimeError("fake pod cleanup failed: " + "; ".join(errors))
+__all__ = [
+    "ALLOWED_HIERARCHIES",
+    "V1_PIDS",
+    "V1_SYSTEMD",
+    "V2",
+    "FakePod",
+    "Layout",
+    "PodCgroupsUnavailable",
+    "QoS",
+    "Runtime",
+    "cgroup_paths",
+    "container_dir_name",
+    "fake_pod",
+    "find_hierarchy",
+    "new_container_id",
+    "new_pod_uid",
+    "pod_relative_dir",
+]
 
 
 @contextlib.contextmanager
 def fake_pod(pod_uid: str | None = None, container_id: str | None = None, *,
-             layout: Layout = "systemd-v1", qos: QoS = "burstable",
+             layout: Layout | None = "systemd-v1", qos: QoS = "burstable",
              runtime: Runtime = "containerd", hierarchies: Sequence[str] | None = None,
              skip: bool = True) -> Iterator[FakePod]:
-    """A pod with one container's cgroups created; see the module docstring.
-
-    ``hierarchies`` overrides the layout's (e.g. ``["pids"]`` or ``["name=systemd",
-    "pids"]``); only name=systemd, pids and cgroup2 are allowed.
-    """
-    if layout not in _LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; one of {sorted(_LAYOUTS)}")
-    driver, default_hierarchies = _LAYOUTS[layout]
-    wanted = tuple(hierarchies) if hierarchies is not None else default_hierarchies
-    not_allowed = set(wanted) - ALLOWED_HIERARCHIES
-    if not_allowed:
-        raise ValueError(f"hierarchies {sorted(not_allowed)} are not for tests; "
-                         f"use {sorted(ALLOWED_HIERARCHIES)}")
-
-    def unavailable(reason: str) -> NoReturn:
-        if skip:
-            pytest.skip(reason)
-        raise RuntimeError(reason)
-
-    if os.geteuid() != 0:
-        unavailable("needs root to create cgroups and move processes into them")
-    mounts: dict[str, Path] = {}
-    for spec in wanted:
-        mount = find_hierarchy(spec)
-        if mount is None:
-            unavailable(f"no cgroup hierarchy {spec!r} is mounted at its root here")
-        mounts[spec] = mount
-    pod = FakePod(pod_uid=pod_uid or new_pod_uid(),
-                  container_id=container_id or new_container_id(), layout=layout, qos=qos,
-                  runtime=runtime, driver=driver, hierarchies=mounts, skip=skip)
+    """:func:`agent.podsim.create_pod` (``layout=None`` picks one), closed on exit; skips the
+    test where the kernel will not help unless ``skip=False``."""
     try:
-        pod.add_container(pod.container_id)
+        pod = create_pod(pod_uid, container_id, layout=layout, qos=qos, runtime=runtime,
+                         hierarchies=hierarchies)
+    except PodCgroupsUnavailable as err:
+        if skip:
+            pytest.skip(str(err))
+        raise
+    try:
         yield pod
+    except PodCgroupsUnavailable as err:
+        if skip:
+            pytest.skip(str(err))
+        raise
     finally:
         pod.close()
-
-
-def _makedirs(directory: Path) -> None:
-    # Another test's cleanup may remove a shared parent between two mkdirs: try again.
-    for _ in range(50):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            return
-        except FileNotFoundError:
-            continue
-    directory.mkdir(parents=True, exist_ok=True)
-
-
-def _procs(directory: Path) -> list[int]:
-    try:
-        return [int(x) for x in (directory / "cgroup.procs").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _empty_and_remove(leaf: Path) -> bool:
-    """Kills what is left in ``leaf`` (children of spawned processes, too) and removes it."""
-    deadline = time.monotonic() + _CLEANUP_SECONDS
-    while time.monotonic() < deadline:
-        for pid in _procs(leaf):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            # Reap it if it is ours; a zombie would keep the cgroup busy.
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-        try:
-            leaf.rmdir()
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError as err:
-            if err.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                return False
-        time.sleep(0.01)
-    return False
-
-
-def _running_in(pid: int, program: str, pod_uid: str, uid: int | None) -> bool:
-    """True once ``pid`` is ``program`` itself (exec done), inside the pod, as ``uid``."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-        status = Path(f"/proc/{pid}/status").read_text()
-        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return False
-    uid_line = next((line for line in status.splitlines() if line.startswith("Uid:")), "")
-    in_pod = pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup
-    right_user = uid is None or uid_line.split()[1:2] == [str(uid)]
-    return exe == os.path.realpath(program) and right_user and in_pod

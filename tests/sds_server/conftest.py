@@ -271,21 +271,10 @@ async def scripted(work_dir: Path) -> AsyncIterator[Scripted]:
 
 def pod_launcher(pod: FakePod, directory: Path, program: str | Path | None = None,
                  container_id: str | None = None) -> Path:
-    """An executable that moves itself into the pod's container cgroups, then execs
-    ``program`` (default: the real Envoy) with its arguments: the program runs inside the
-    pod from its first instruction.
-
-    (A Python ``preexec_fn`` would do the same, but running Python in a child forked from a
-    process with gRPC threads can crash before exec.)"""
-    cid = pod.add_container(container_id or pod.container_id)
-    targets = " ".join(shlex.quote(str(d / "cgroup.procs")) for d in pod.directories(cid))
-    program = program if program is not None else envoy_binary()
-    script = directory / f"in-pod-{pod.pod_uid[:8]}-{Path(program).name}"
-    script.write_text("#!/bin/sh\nset -e\n"
-                      f"for f in {targets}; do echo $$ > \"$f\"; done\n"
-                      f'exec {shlex.quote(str(program))} "$@"\n')
-    script.chmod(0o755)
-    return script
+    """:meth:`FakePod.launcher` for ``program``, by default the real Envoy: an executable
+    that runs it inside the pod from its first instruction."""
+    return pod.launcher(directory, program if program is not None else envoy_binary(),
+                        container_id)
 
 
 AsUser = Callable[..., EnvoyProcess]
