@@ -1,0 +1,1 @@
+"""Demo helpers: a real container registry, images to push through it, and clients to pull."""
