@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(iproute2 procps util-linux)
+APT_PACKAGES=(iproute2 procps util-linux docker-registry skopeo)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

