@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 
 from agent.attest.procfs import ProcReader
 from agent.cache import CacheSettings, KeyMode, SpireSource, SvidCache
@@ -161,6 +162,9 @@ class Agent:
             view=ViewSettings(names=settings.sds_names, trust_domain=settings.trust_domain,
                               trusted_proxies=frozenset(settings.trusted_proxies))),
             self.cache, reader=self._reader)
+        # Every metric of this agent registers here (never prometheus_client's global
+        # REGISTRY): agent/metrics fills it, the metrics endpoint serves it.
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
