@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ipaddress
+import os
 import shutil
 import socket
 import ssl
@@ -144,6 +146,48 @@ async def test_registry_policy_and_handshakes(family: str) -> None:
                     outcome = await asyncio.to_thread(tls_attempt, chain.host, port,
                                                       chain.work, svid, tls12=tls12)
                     assert outcome.startswith("refused"), (what, label, tls12, outcome)
+
+
+def listening_addresses(pids: list[int]) -> set[str]:
+    """Every TCP address a LISTEN socket of these processes is bound to ("127.0.0.1:5000",
+    "[::1]:5000"), from /proc/<pid>/fd and /proc/net/tcp{,6}."""
+    inodes: set[str] = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    found: set[str] = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # /proc/net prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            address = ipaddress.ip_address(words)
+            port = int(hex_port, 16)
+            found.add(f"[{address}]:{port}" if v6 else f"{address}:{port}")
+    return found
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_nothing_listens_beyond_loopback(family: str) -> None:
+    """Every TCP socket any process of the chain listens on is on 127.0.0.1 or ::1."""
+    async with running_chain(family) as chain:
+        pids = [child.pid for child in chain.supervisor.children.values()]
+        addresses = await asyncio.to_thread(listening_addresses, pids)
+        assert addresses, "found no listening sockets at all"
+        outside = {a for a in addresses
+                   if not a.startswith(("127.0.0.1:", "[::1]:"))}
+        assert outside == set(), outside
+        # The node proxy listens on both loopbacks, whatever the family.
+        port = chain.roles["node-proxy"].port
+        assert {f"127.0.0.1:{port}", f"[::1]:{port}"} <= addresses
 
 
 @pytest.mark.root
