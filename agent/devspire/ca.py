@@ -43,6 +43,13 @@ def generate_key(key_type: str = "ec-p256") -> PrivateKey:
     raise ValueError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
 
 
+def key_type_of(key: PrivateKey) -> str:
+    """The KEY_TYPES name of a key, or a description of one dev-spire does not make."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"rsa-{key.key_size}"
+    return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name, key.curve.name)
+
+
 def _signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
@@ -108,6 +115,22 @@ class Authority:
     @property
     def der(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass(frozen=True)
+class CAState:
+    """What a restarted dev-spire needs to keep signing with the same keys and to serve the
+    same bundle: every authority in the bundle, and the serial counter."""
+
+    trust_domain: str
+    serial: int
+    active: Authority
+    next: Authority | None
+    retired: tuple[Authority, ...]
+
+    def authorities(self) -> list[Authority]:
+        """Everything in the bundle, oldest first."""
+        return [*self.retired, self.active, *([self.next] if self.next else [])]
 
 
 @dataclass(frozen=True)
@@ -207,22 +230,41 @@ def build_svid_certificate(
 
 class TrustDomainCA:
     """The authorities of one trust domain: active, a prepared successor, and retired ones
-    kept in the bundle until they expire. ``version`` goes up whenever the bundle changes."""
+    kept in the bundle until they expire. ``version`` goes up whenever the bundle changes.
+
+    ``state`` resumes authorities kept from an earlier run; ``on_change`` is told the new state
+    whenever the authorities change (not for the ones made or resumed here)."""
 
     def __init__(self, trust_domain: str, *, ca_ttl: float, clock: Clock,
-                 key_type: str = "ec-p256") -> None:
+                 key_type: str = "ec-p256", state: CAState | None = None,
+                 on_change: Callable[[CAState], None] | None = None) -> None:
         if ca_ttl <= 0:
             raise ValueError("ca_ttl must be positive")
         generate_key(key_type)  # validates key_type early
+        if state is not None and state.trust_domain != trust_domain:
+            raise ValueError(f"authorities of {state.trust_domain}, not of {trust_domain}")
         self.trust_domain = trust_domain
         self.ca_ttl = ca_ttl
         self.key_type = key_type
         self._clock = clock
-        self._serial = 0
+        self._on_change = on_change
         self.version = 1
-        self.active = self._new_authority(clock())
         self.next: Authority | None = None
         self.retired: list[Authority] = []
+        if state is None:
+            self._serial = 0
+            self.active = self._new_authority(clock())
+        else:
+            self._serial = state.serial
+            self.active, self.next, self.retired = state.active, state.next, list(state.retired)
+
+    def state(self) -> CAState:
+        return CAState(self.trust_domain, self._serial, self.active, self.next,
+                       tuple(self.retired))
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.state())
 
     def _new_authority(self, now: float) -> Authority:
         self._serial += 1
@@ -255,13 +297,14 @@ class TrustDomainCA:
 
     def advance(self, now: float) -> bool:
         """Prepares, activates and drops authorities as due; True if the bundle changed."""
-        changed = False
+        changed = activated = False
         active = self.active
         if self.next is None and now >= active.issued_at + active.lifetime * PREPARE_AT:
             self.next = self._new_authority(now)
             changed = True
         if self.next is not None and now >= active.issued_at + active.lifetime * ACTIVATE_AT:
-            self._activate_next()
+            self._activate_next()  # the same certificates, so the bundle is unchanged
+            activated = True
         kept = [a for a in self.retired if a.not_after > now]
         if len(kept) != len(self.retired):
             _LOG.info("trust domain %s: expired CA dropped from the bundle", self.trust_domain)
@@ -269,6 +312,8 @@ class TrustDomainCA:
             changed = True
         if changed:
             self.version += 1
+        if changed or activated:
+            self._changed()
         return changed
 
     def _activate_next(self) -> None:
@@ -284,6 +329,7 @@ class TrustDomainCA:
             self.next = self._new_authority(self._clock())
         self._activate_next()
         self.version += 1
+        self._changed()
 
     def mint_x509(self, spiffe_id: str, ttl: float, *, dns_names: Sequence[str] = (),
                   now: float | None = None) -> MintedSvid:

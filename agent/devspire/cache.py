@@ -69,7 +69,10 @@ class IdentityCache:
     """Holds entries and minted SVIDs, rotates them, and wakes the streams that care."""
 
     def __init__(self, trust_domain: str, *, svid_ttl: float, jwt_svid_ttl: float,
-                 ca_ttl: float, clock: Clock, stats: Stats, key_type: str = "ec-p256") -> None:
+                 ca_ttl: float, clock: Clock, stats: Stats, key_type: str = "ec-p256",
+                 local: TrustDomainCA | None = None) -> None:
+        """``local`` is the local trust domain's CA when the caller keeps it (``--data-dir``);
+        otherwise a new one is made, in memory only."""
         self.trust_domain = trust_domain
         self.svid_ttl = svid_ttl
         self.jwt_svid_ttl = jwt_svid_ttl
@@ -77,7 +80,10 @@ class IdentityCache:
         self.key_type = key_type
         self._clock = clock
         self._stats = stats
-        self.local = TrustDomainCA(trust_domain, ca_ttl=ca_ttl, clock=clock, key_type=key_type)
+        if local is not None and local.trust_domain != trust_domain:
+            raise ValueError(f"local CA is of {local.trust_domain}, not of {trust_domain}")
+        self.local = local or TrustDomainCA(trust_domain, ca_ttl=ca_ttl, clock=clock,
+                                            key_type=key_type)
         self.federated: dict[str, TrustDomainCA] = {}  # keyed "spiffe://td"
         self._entries: tuple[Entry, ...] = ()
         self._svids: dict[str, tuple[tuple[object, ...], MintedSvid]] = {}

@@ -17,10 +17,11 @@ import grpc
 
 from agent._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2_grpc as pb_grpc
 from agent.devspire.attestor import Attestor
-from agent.devspire.ca import KEY_TYPES, Clock
+from agent.devspire.ca import KEY_TYPES, Clock, TrustDomainCA
 from agent.devspire.cache import IdentityCache
 from agent.devspire.entries import load_entries, validate_spiffe_id, validate_trust_domain
 from agent.devspire.faults import Faults
+from agent.devspire.keystore import KeyStore, open_local_ca
 from agent.devspire.pods import PodList, load_pods
 from agent.devspire.service import DelegatedIdentityService
 from agent.devspire.stats import Stats
@@ -51,6 +52,7 @@ class DevSpireSettings:
     key_type: str = "ec-p256"
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace: float = 1.0
+    data_dir: str | None = None  # where the local CA's keys outlive a restart; None: memory
 
     def validate(self) -> None:
         """Raises ConfigError naming the first setting that cannot work."""
@@ -73,6 +75,10 @@ class DevSpireSettings:
                          self.svid_ttl, self.ca_ttl)
         if self.key_type not in KEY_TYPES:
             raise ConfigError(f"key type {self.key_type!r} is not one of {', '.join(KEY_TYPES)}")
+        if self.data_dir is not None and os.path.exists(self.data_dir) and \
+                not os.path.isdir(self.data_dir):
+            raise ConfigError(f"data dir {self.data_dir} is not a directory",
+                              "point --data-dir at a directory, or at a path to create")
 
 
 class _WatchedFile:
@@ -122,9 +128,14 @@ class DevSpire:
         pods = load_pods(s.pods_path) if s.pods_path else PodList()
         if s.faults_path:
             self._load_faults_file(s.faults_path)
+        local: TrustDomainCA | None = None
+        if s.data_dir is not None:
+            local = open_local_ca(KeyStore(s.data_dir), s.trust_domain, ca_ttl=s.ca_ttl,
+                                  clock=self._clock, key_type=s.key_type)
         self._cache = IdentityCache(s.trust_domain, svid_ttl=s.svid_ttl,
                                     jwt_svid_ttl=s.jwt_svid_ttl, ca_ttl=s.ca_ttl,
-                                    clock=self._clock, stats=self.stats, key_type=s.key_type)
+                                    clock=self._clock, stats=self.stats, key_type=s.key_type,
+                                    local=local)
         self._cache.set_entries(entries)
         self._relay = PeerCredentialRelay(s.socket_path, mode=s.socket_mode)
         self._service = DelegatedIdentityService(
@@ -260,8 +271,7 @@ class DevSpire:
 
     async def _reload_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload_now.wait(), self.settings.reload_interval)
+            await _wait(self._reload_now, self.settings.reload_interval)
             if self._reload_now.is_set():
                 self._reload_now.clear()
                 self.reload()
@@ -279,8 +289,16 @@ class DevSpire:
                 _LOG.exception("rotation tick failed")
             delay = min(max(cache.next_due() - self._clock(), 0.005), _MAX_TICK)
             cache.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cache.wakeup.wait(), delay)
+            await _wait(cache.wakeup, delay)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Waits until ``event`` is set or ``seconds`` pass. Not ``asyncio.wait_for``: on
+    Python 3.11 it swallows a cancellation that arrives as the event is set, and ``stop()``
+    then waits for the loop forever (a CA rotation just before a stop did that)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 async def serve_dev_spire(settings: DevSpireSettings, stop: asyncio.Event) -> None:
