@@ -31,7 +31,8 @@ Counters (:class:`VerifierStats`; pass one object to many verifiers to aggregate
 ``pid_reuse_detected`` counts pinned processes whose PID was found naming a *different*
 process (another start time, or another pod/container) while we were subscribed for it;
 ``process_exits`` counts pinned processes that exited; ``answers_discarded`` counts SPIRE
-answers thrown away by a check. Each verifier has its own ``stats`` too.
+answers thrown away by a check; ``attestations`` counts outcomes by result (see
+:data:`ATTESTATION_RESULTS`). Each verifier has its own ``stats`` too.
 
 Consumers must treat ``__anext__`` as cancellation-safe (it is): the SPIRE stream is read
 by the verifier's own task, and a new answer replaces an undelivered one (latest value).
@@ -45,8 +46,9 @@ import errno
 import logging
 import os
 import select
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.attest.cgroups import is_pod_uid
@@ -56,6 +58,7 @@ from agent.errors import AttestationError, SpireError
 from agent.model import Selector, X509SvidUpdate
 
 __all__ = [
+    "ATTESTATION_RESULTS",
     "PodTarget",
     "ProcessTarget",
     "Target",
@@ -69,6 +72,15 @@ __all__ = [
 _LOG = logging.getLogger("spiffe_delegate.attest")
 # After this many consecutive discarded answers without a delivery, slow down.
 _MAX_QUICK_RETRIES = 3
+
+ATTESTATION_RESULTS = ("ok", "unmatched", "process_gone", "failed", "spire_error")
+"""How one attestation (one SPIRE answer about a pinned PID, or the attempt) can end:
+``ok``: verified and handed on, with SVIDs; ``unmatched``: verified and handed on, but
+SPIRE matched no registration entry; ``process_gone``: the pinned process exited (or the
+process asked for was gone) before the answer could be trusted; ``failed``: the answer
+failed re-verification (PID reused, process moved, /proc unreadable) and was discarded;
+``spire_error``: SPIRE refused the subscription. An answer superseded by a newer one
+before anyone took it is not counted."""
 
 
 class X509Subscriber(Protocol):
@@ -141,6 +153,7 @@ class VerifierStats:
     answers_discarded: int = 0
     answers_delivered: int = 0
     subscriptions: int = 0
+    attestations: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -378,8 +391,10 @@ class X509Verifier:
                 # The last check, right before delivery: the answer may have waited.
                 reason = pin.verify()
                 if reason is None:
+                    result = "ok" if item.update.svids else "unmatched"
                     for stats in self._all_stats:
                         stats.answers_delivered += 1
+                        stats.attestations[result] += 1
                     return item
                 self._discard(pin, reason, "right before delivery")
                 continue
@@ -436,6 +451,7 @@ class X509Verifier:
                     quick_retries = 0
                     await self._clock.sleep(self._settings.rescan_interval)
         except ProcessGone as exc:
+            self._count("process_gone")
             self._set_orphaned(True)
             self._error = exc
             self._wake()
@@ -541,6 +557,7 @@ class X509Verifier:
                 try:
                     update = answer.result()
                 except SpireError as exc:
+                    self._count("spire_error")
                     self._report_error(exc)
                     sleep = asyncio.ensure_future(
                         self._clock.sleep(self._settings.retry_interval))
@@ -565,7 +582,12 @@ class X509Verifier:
                 with contextlib.suppress(Exception):
                     await aclose()
 
+    def _count(self, result: str) -> None:
+        for stats in self._all_stats:
+            stats.attestations[result] += 1
+
     def _discard(self, pin: _Pin, reason: str, when: str) -> None:
+        self._count("process_gone" if reason == "exited" else "failed")
         for stats in self._all_stats:
             stats.answers_discarded += 1
         level = logging.INFO if reason == "exited" else logging.WARNING

@@ -46,8 +46,10 @@ Behind a watch:
   (rejected ones are never stored, and the last good one stays in use); an expiry
   monitor warns and counts (``stats.expiry_warnings``) when an SVID in use passes 80% of
   its lifetime without a rotation, and stops serving it once it has expired.
-* Counters: ``cache.stats`` (``CacheStats``); PID-reuse counters live in the source's
-  ``VerifierStats`` (``SpireSource.stats.pid_reuse_detected``).
+* Counters: ``cache.stats`` (``CacheStats``: rejections by reason, rotations, ...);
+  PID-reuse and attestation counters live in the source's ``VerifierStats``
+  (``SpireSource.stats.pid_reuse_detected``, ``.attestations``). Snapshots:
+  ``workloads()``, ``groups()``, and ``cached_svids()`` (each entry's SVIDs being served).
 """
 
 from agent.cache.expiry import ExpiryMonitor

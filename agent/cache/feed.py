@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agent.cache.expiry import ExpiryMonitor
 from agent.cache.keys import CompositeId
 from agent.cache.stats import CacheStats
 from agent.clock import Clock, utc_now
 from agent.model import X509SvidUpdate
-from agent.spire.validation import SvidGate, TrustBundles
+from agent.spire.validation import SvidGate, TrustBundles, VerifiedSvid
 
 __all__ = ["Feed"]
 
@@ -33,6 +33,9 @@ class Feed:
         self._stats = stats
         self._on_change = on_change
         self._rejections: Counter[str] = Counter()
+        # SPIFFE ID -> fingerprint of the certificate last served for it (kept when the ID
+        # drops out for a while, so an expired SVID's successor still counts as a rotation).
+        self._served: dict[str, str] = {}
         self.known = False
         self._answered = False
         self.accepted = X509SvidUpdate(svids=())
@@ -53,6 +56,12 @@ class Feed:
     def close(self) -> None:
         self._monitor.forget(self)
 
+    def serving(self) -> Mapping[str, VerifiedSvid]:
+        """The verified SVIDs behind ``accepted``, by SPIFFE ID (what is served now)."""
+        in_use = self._gate.in_use
+        return {svid.spiffe_id: in_use[svid.spiffe_id] for svid in self.accepted.svids
+                if svid.spiffe_id in in_use}
+
     def _settle(self, accepted: X509SvidUpdate) -> None:
         fresh = self._gate.rejections - self._rejections
         if fresh:
@@ -63,6 +72,15 @@ class Feed:
         if not self.known and self._answered and (accepted.svids or not self._gate.pending):
             self.known = True
         self.accepted = accepted
+        self._count_rotations()
         self._monitor.track(self, str(self.key), self._gate.in_use, self.refresh)
         if self.known:
             self._on_change(self)
+
+    def _count_rotations(self) -> None:
+        for spiffe_id, verified in self.serving().items():
+            before = self._served.get(spiffe_id)
+            if before != verified.fingerprint:
+                if before is not None:
+                    self._stats.rotations += 1
+                self._served[spiffe_id] = verified.fingerprint

@@ -13,7 +13,9 @@ class CacheStats:
     """``svids_rejected``: SVIDs the gates refused, by reason; ``expiry_warnings``: SVIDs
     that passed 80% of their life unrotated; ``unmatched``: times a workload was reported
     as matching no registration entry; ``carrier_handovers``: shared subscriptions moved
-    to another pod (identity mode); ``attestations``: workloads attested (identity mode)."""
+    to another pod (identity mode); ``attestations``: workloads attested (identity mode);
+    ``rotations``: times an entry's SVID for a SPIFFE ID was replaced by another
+    certificate (a rotation, as seen by the cache)."""
 
     svids_rejected: Counter[str] = field(default_factory=Counter)
     expiry_warnings: int = 0
@@ -22,3 +24,4 @@ class CacheStats:
     attestations: int = 0
     entries_opened: int = 0
     entries_closed: int = 0
+    rotations: int = 0

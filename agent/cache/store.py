@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -25,7 +26,7 @@ from agent.cache.watch import Bundles, StatePublisher, Watch
 from agent.clock import Clock, SystemClock
 from agent.errors import SpireError
 from agent.model import X509Bundles, trust_domain_key
-from agent.spire.validation import TrustBundles
+from agent.spire.validation import TrustBundles, VerifiedSvid
 
 __all__ = ["CacheSettings", "GroupStatus", "SvidCache", "WorkloadStatus"]
 
@@ -211,6 +212,17 @@ class SvidCache:
     def groups(self) -> dict[Identity, GroupStatus]:
         return {key: GroupStatus(key, tuple(group.members), group.carrier_key)
                 for key, group in self._groups.items()}
+
+    def cached_svids(self) -> dict[CompositeId, Mapping[str, VerifiedSvid]]:
+        """Every entry's SVIDs being served now, by SPIFFE ID: one entry per workload (its
+        own subscription), plus one per shared identity in identity mode. A snapshot for
+        metrics and status pages; an SVID shared by many pods appears once."""
+        out: dict[CompositeId, Mapping[str, VerifiedSvid]] = {}
+        for key, view in list(self._views.items()):
+            out[key] = view.own.serving()
+        for identity, group in list(self._groups.items()):
+            out[identity] = group.feed.serving()
+        return out
 
     # --- views ------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@
 * ``removed_resources`` tells the client a secret it holds is gone: a subscribed name the
   caller's (non-empty) state can no longer serve, or, for a wildcard subscription, a name
   no longer in it. While the caller has no identity at all nothing is removed.
+* As in SotW, ``build(..., sent_at=...)`` stamps a response and the outcome of the request
+  answering it hands the stamp back (push-to-ACK latency).
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ _MAX_IN_FLIGHT = 64
 class DeltaOutcome:
     """``subscribed``: names newly subscribed (a response may be due). ``acked`` /
     ``nacked``: resources of the response this request answered. ``unknown_nonce``: the
-    nonce named no response in flight (from a previous agent, or already answered)."""
+    nonce named no response in flight (from a previous agent, or already answered).
+    ``sent_at``: the ``sent_at`` given to ``build`` for the response answered, if any."""
 
     subscribed: tuple[str, ...] = ()
     acked: tuple[str, ...] = ()
     nacked: tuple[str, ...] = ()
     error_detail: str = ""
     unknown_nonce: bool = False
+    sent_at: float | None = None
 
 
 class DeltaProtocol:
@@ -56,6 +60,7 @@ class DeltaProtocol:
         self.subscribed: set[str] = set()
         self._first = True
         self._in_flight: OrderedDict[str, dict[str, Held | None]] = OrderedDict()
+        self._sent_at: dict[str, float] = {}  # nonce -> stamp, for responses in flight
         self._client: dict[str, str] = {}     # name -> version the client holds (or will)
         self._acked: dict[str, str] = {}      # name -> version last ACKed (or reported)
         self._rejected: dict[str, list[str]] = {}
@@ -80,8 +85,10 @@ class DeltaProtocol:
         acked: tuple[str, ...] = ()
         nacked: tuple[str, ...] = ()
         unknown = False
+        sent_at: float | None = None
         if request.response_nonce:
             sent = self._in_flight.pop(request.response_nonce, None)
+            sent_at = self._sent_at.pop(request.response_nonce, None)
             if sent is None:
                 unknown = True
             elif request.HasField("error_detail"):
@@ -124,13 +131,14 @@ class DeltaProtocol:
                 for table in (self._client, self._acked, self._rejected):
                     table.pop(name, None)
         return DeltaOutcome(subscribed=tuple(added), acked=acked, nacked=nacked,
-                            error_detail=detail, unknown_nonce=unknown)
+                            error_detail=detail, unknown_nonce=unknown, sent_at=sent_at)
 
     def build(self, version: int, secrets: Mapping[str, Any], gone: Sequence[str],
-              settled: bool) -> Any | None:
+              settled: bool, *, sent_at: float | None = None) -> Any | None:
         """The response bringing the client up to ``secrets``, or None when it is up to
         date. ``gone``: subscribed names the caller's state can no longer serve;
-        ``settled``: the caller has an identity (only then may a wildcard remove names)."""
+        ``settled``: the caller has an identity (only then may a wildcard remove names);
+        ``sent_at``: kept with the response and handed back with its ACK or NACK."""
         resources = []
         sent: dict[str, Held | None] = {}
         wanted = sorted(secrets) if self.wildcard else sorted(self.subscribed)
@@ -163,6 +171,9 @@ class DeltaProtocol:
             else:
                 self._client[name] = entry.digest
         self._in_flight[response.nonce] = sent
+        if sent_at is not None:
+            self._sent_at[response.nonce] = sent_at
         while len(self._in_flight) > _MAX_IN_FLIGHT:
-            self._in_flight.popitem(last=False)
+            oldest, _ = self._in_flight.popitem(last=False)
+            self._sent_at.pop(oldest, None)
         return response

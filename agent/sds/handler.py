@@ -25,6 +25,9 @@ Outcomes, per stream (SotW and delta alike unless said otherwise):
 * an unknown type_url: INVALID_ARGUMENT;
 * the caller's pinned process has exited: the stream ends (checked before every push);
 * agent shutdown: the stream ends with OK (Envoy reconnects to the next agent).
+
+Counters go to ``stats`` (:class:`~agent.sds.stats.SdsStats`; resources by their bounded
+kind, never by name); the time from a push to its ACK goes to ``observer.on_ack``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -43,9 +47,10 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from agent.attest.procfs import ProcReader
 from agent.sds.caller import Caller, CallerUnknown, identify_caller
 from agent.sds.delta import DeltaProtocol
+from agent.sds.names import resource_kind
 from agent.sds.resources import SECRET_TYPE_URL
 from agent.sds.sotw import SotwProtocol
-from agent.sds.stats import SdsStats
+from agent.sds.stats import NoopSdsObserver, SdsObserver, SdsStats
 from agent.sds.view import NoIdentityLog, Resolution, View, ViewSettings, WatchSource
 from agent.uds.peercred import PeerCredentials
 
@@ -112,12 +117,14 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
     def __init__(self, cache: WatchSource, lookup: Callable[[str], PeerCredentials | None], *,
                  settings: ViewSettings | None = None, reader: ProcReader | None = None,
                  stats: SdsStats | None = None, fetch_timeout: float = 5.0,
+                 observer: SdsObserver | None = None,
                  logger: logging.Logger | None = None) -> None:
         self._cache = cache
         self._lookup = lookup
         self._settings = settings if settings is not None else ViewSettings()
         self._reader = reader if reader is not None else ProcReader()
         self.stats = stats if stats is not None else SdsStats()
+        self._observer: SdsObserver = observer if observer is not None else NoopSdsObserver()
         self._fetch_timeout = fetch_timeout
         self._log = logger if logger is not None else _LOG
         self._no_identity = NoIdentityLog(self._log)
@@ -199,12 +206,19 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
             self._log.info("SDS caller %s has exited; ending its stream", caller.describe())
             raise _StreamEnded
 
+    def _kinds(self, names: Iterable[str]) -> list[str]:
+        return [resource_kind(name, self._settings.names) for name in names]
+
+    def _pushed(self, names: Iterable[str]) -> None:
+        self.stats.pushes_by_kind.update(self._kinds(names))
+
     def _answered(self, caller: Caller, acked: tuple[str, ...], nacked: tuple[str, ...],
-                  detail: str) -> None:
+                  detail: str, sent_at: float | None = None) -> None:
         """Counts an ACK or a NACK (and logs the NACK's error_detail, as SPIRE logs any)."""
         if nacked:
             self.stats.nacks += 1
             self.stats.nacks_by_name.update(nacked)
+            self.stats.nacks_by_kind.update(self._kinds(nacked))
             self.stats.last_nack_detail = detail
             self._log.error("SDS caller %s rejected %s: %s; it keeps its previous secret and "
                             "this content is not sent again", caller.describe(),
@@ -213,6 +227,12 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
             self._log.error("SDS caller %s reported an error: %s", caller.describe(), detail)
         elif acked:
             self.stats.acks += 1
+            self.stats.acks_by_kind.update(self._kinds(acked))
+            if sent_at is not None:
+                try:
+                    self._observer.on_ack(time.monotonic() - sent_at)
+                except Exception:  # a metrics bug must not break secret delivery
+                    self._log.exception("SdsObserver.on_ack raised; ignored")
 
     def _log_push(self, caller: Caller, view: View, resolution: Resolution,
                   version: str) -> None:
@@ -302,7 +322,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                     await self._check_type_url(context, request.type_url)
                     outcome = protocol.on_request(request)
                     self._answered(caller, outcome.acked, outcome.nacked,
-                                   outcome.error_detail)
+                                   outcome.error_detail, outcome.sent_at)
                     if outcome.stale:
                         self.stats.stale_nonces += 1
                         self._log.debug("SDS caller %s: stale nonce %r ignored",
@@ -317,10 +337,12 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                 await self._check_refusals(context, caller, resolution, unmet_is_fatal=True)
                 if resolution.waiting or resolution.unissued:
                     continue
-                response = protocol.build(resolution.version, resolution.secrets)
+                response = protocol.build(resolution.version, resolution.secrets,
+                                          sent_at=time.monotonic())
                 if response is None:
                     self.stats.repushes_avoided += 1
                     continue
+                self._pushed(resolution.secrets)
                 self.stats.responses += 1
                 self.stats.resources_sent += len(response.resources)
                 self._log_push(caller, view, resolution, response.version_info)
@@ -351,7 +373,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                     await self._check_type_url(context, request.type_url)
                     outcome = protocol.on_request(request)
                     self._answered(caller, outcome.acked, outcome.nacked,
-                                   outcome.error_detail)
+                                   outcome.error_detail, outcome.sent_at)
                     if outcome.unknown_nonce:
                         self.stats.stale_nonces += 1
                 requested = protocol.requested()
@@ -367,11 +389,14 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                                           caller.describe(), name, why)
                 settled = not resolution.waiting and not resolution.unissued
                 response = protocol.build(resolution.version, resolution.secrets,
-                                          gone=sorted(resolution.unmet), settled=settled)
+                                          gone=sorted(resolution.unmet), settled=settled,
+                                          sent_at=time.monotonic())
                 if response is None:
                     if settled:
                         self.stats.repushes_avoided += 1
                     continue
+                self._pushed([*(r.name for r in response.resources),
+                              *response.removed_resources])
                 self.stats.responses += 1
                 self.stats.resources_sent += len(response.resources)
                 self._log_push(caller, view, resolution, response.system_version_info)

@@ -12,12 +12,14 @@ from agent.attest.cgroups import is_pod_uid
 from agent.errors import ConfigError
 
 __all__ = [
+    "RESOURCE_KINDS",
     "SPIFFE_SCHEME",
     "WORKLOAD_PREFIX",
     "NameKind",
     "RequestedName",
     "SdsNames",
     "classify",
+    "resource_kind",
     "workload_name",
 ]
 
@@ -117,3 +119,24 @@ def classify(name: str, names: SdsNames) -> RequestedName:
         f"expected {names.default_svid_name!r}, {names.default_bundle_name!r}, "
         + (f"{names.all_bundles_name!r}, " if names.all_bundles_name else "")
         + "spiffe://<trust domain>, a SPIFFE ID or workload:<pod uid>"))
+
+
+_KIND_LABELS = {
+    NameKind.DEFAULT_SVID: "default",
+    NameKind.LOCAL_BUNDLE: "ROOTCA",
+    NameKind.ALL_BUNDLES: "ALL",
+    NameKind.TRUST_DOMAIN: "trust_domain",
+    NameKind.SPIFFE_ID: "spiffe_id",
+    NameKind.WORKLOAD: "workload",
+    NameKind.INVALID: "invalid",
+}
+
+RESOURCE_KINDS = tuple(_KIND_LABELS.values())
+"""Every value :func:`resource_kind` returns."""
+
+
+def resource_kind(name: str, names: SdsNames) -> str:
+    """A bounded label for ``name`` (metrics): SPIRE's default name for the three
+    configured names, whatever they are configured to; ``spiffe_id``, ``trust_domain`` or
+    ``workload`` for the others (never the SPIFFE ID or pod UID itself)."""
+    return _KIND_LABELS[classify(name, names).kind]

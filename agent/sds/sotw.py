@@ -17,6 +17,9 @@ Rules (SPIRE's where SPIRE has one, ``pkg/agent/endpoints/sdsv3``):
   identical to what the client already holds (or is about to) is not sent.
 * A response is due when the requested names change (the first request included) and on
   every state change once names are known.
+
+The caller may stamp each response with the time it is sent (``build(..., sent_at=...)``);
+the outcome of the request that answers it hands that stamp back, for push-to-ACK latency.
 """
 
 from __future__ import annotations
@@ -61,13 +64,15 @@ class Held:
 class RequestOutcome:
     """What one request meant. ``stale``: ignored (old nonce). ``names_changed``: a
     response is due. ``acked``/``nacked``: the resource names of the response this request
-    answered (empty when it answered none). ``error_detail``: the NACK's message."""
+    answered (empty when it answered none). ``error_detail``: the NACK's message.
+    ``sent_at``: the ``sent_at`` given to ``build`` for the response answered, if any."""
 
     stale: bool = False
     names_changed: bool = False
     acked: tuple[str, ...] = ()
     nacked: tuple[str, ...] = ()
     error_detail: str = ""
+    sent_at: float | None = None
 
 
 def remember_rejected(rejected: dict[str, list[str]], name: str, digest: str) -> None:
@@ -85,8 +90,9 @@ class SotwProtocol:
         self.node: Any = None
         self.last_nonce = ""
         self.last_version = ""
-        # Responses not answered yet, oldest first: nonce -> (version, what was sent).
-        self._in_flight: OrderedDict[str, tuple[str, dict[str, Held]]] = OrderedDict()
+        # Responses not answered yet, oldest first: nonce -> (version, what was sent, when).
+        self._in_flight: OrderedDict[str, tuple[str, dict[str, Held], float | None]] = (
+            OrderedDict())
         self._expected: dict[str, str] = {}
         self._acked: dict[str, Held] = {}
         self._rejected: dict[str, list[str]] = {}
@@ -99,10 +105,12 @@ class SotwProtocol:
     def rejected(self, name: str) -> tuple[str, ...]:
         return tuple(self._rejected.get(name, ()))
 
-    def _answer(self, nonce: str, request: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def _answer(self, nonce: str, request: Any
+                ) -> tuple[tuple[str, ...], tuple[str, ...], float | None]:
         """Books the ACK or NACK of response ``nonce`` (and forgets the older ones, which
-        Envoy has answered already, in order); returns (acked, nacked) names."""
-        version, sent = self._in_flight[nonce]
+        Envoy has answered already, in order); returns (acked, nacked) names and the
+        response's ``sent_at``."""
+        version, sent, sent_at = self._in_flight[nonce]
         while self._in_flight:
             oldest, _ = self._in_flight.popitem(last=False)
             if oldest == nonce:
@@ -110,9 +118,9 @@ class SotwProtocol:
         if request.HasField("error_detail") or request.version_info != version:
             for name, held in sent.items():
                 remember_rejected(self._rejected, name, held.digest)
-            return (), tuple(sent)
+            return (), tuple(sent), sent_at
         self._acked.update(sent)
-        return tuple(sent), ()
+        return tuple(sent), (), sent_at
 
     def on_request(self, request: Any) -> RequestOutcome:
         if request.HasField("node"):
@@ -120,17 +128,18 @@ class SotwProtocol:
         detail = request.error_detail.message if request.HasField("error_detail") else ""
         acked: tuple[str, ...] = ()
         nacked: tuple[str, ...] = ()
+        sent_at: float | None = None
         if self.last_nonce:
             nonce = request.response_nonce
             if nonce != self.last_nonce:
                 # Stale: ignored as SPIRE ignores it, except that an answer to an older
                 # response still tells what the client accepted or refused.
                 if nonce in self._in_flight:
-                    acked, nacked = self._answer(nonce, request)
+                    acked, nacked, sent_at = self._answer(nonce, request)
                 return RequestOutcome(stale=True, acked=acked, nacked=nacked,
-                                      error_detail=detail)
+                                      error_detail=detail, sent_at=sent_at)
             if nonce in self._in_flight:  # else answered already (e.g. names changed since)
-                acked, nacked = self._answer(nonce, request)
+                acked, nacked, sent_at = self._answer(nonce, request)
             for name in nacked:
                 kept = self._acked.get(name)
                 if kept is None:
@@ -147,11 +156,13 @@ class SotwProtocol:
                 for name in [n for n in table if wanted and n not in wanted]:
                     del table[name]
         return RequestOutcome(names_changed=changed, acked=acked, nacked=nacked,
-                              error_detail=detail)
+                              error_detail=detail, sent_at=sent_at)
 
-    def build(self, version: int, secrets: Mapping[str, Any]) -> Any | None:
+    def build(self, version: int, secrets: Mapping[str, Any], *,
+              sent_at: float | None = None) -> Any | None:
         """The response for ``secrets`` (by name), or None when none is due: a NACKed
-        content with nothing ACKed to stand in for it, or nothing new for the client."""
+        content with nothing ACKed to stand in for it, or nothing new for the client.
+        ``sent_at`` is kept with the response and handed back with its ACK or NACK."""
         chosen: dict[str, Held] = {}
         for name, secret in secrets.items():
             held = Held(secret_digest(secret), secret)
@@ -168,7 +179,7 @@ class SotwProtocol:
             version_info=str(version), nonce=new_nonce(), type_url=SECRET_TYPE_URL)
         for held in chosen.values():
             response.resources.add().Pack(held.secret)
-        self._in_flight[response.nonce] = (response.version_info, chosen)
+        self._in_flight[response.nonce] = (response.version_info, chosen, sent_at)
         while len(self._in_flight) > _MAX_IN_FLIGHT:
             self._in_flight.popitem(last=False)
         self._expected = digests

@@ -1,11 +1,27 @@
-"""Counters of the SDS server, for metrics, status pages and tests."""
+"""Counters of the SDS server, for metrics, status pages and tests, and its one event hook."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["SdsStats"]
+__all__ = ["NoopSdsObserver", "SdsObserver", "SdsStats"]
+
+
+class SdsObserver(Protocol):
+    """Events that counters cannot carry (metrics); every method must be cheap and must
+    not raise."""
+
+    def on_ack(self, seconds: float) -> None:
+        """A client ACKed a response ``seconds`` after it was built and sent."""
+
+
+class NoopSdsObserver:
+    """The default observer: does nothing."""
+
+    def on_ack(self, seconds: float) -> None:
+        pass
 
 
 @dataclass
@@ -14,7 +30,10 @@ class SdsStats:
 
     ``nacks_by_name`` counts NACKs per resource name; ``refused`` counts calls ended with an
     error, by gRPC status code name; ``last_nack_detail`` is the newest NACK's
-    ``error_detail.message`` (what Envoy said was wrong).
+    ``error_detail.message`` (what Envoy said was wrong). ``pushes_by_kind``,
+    ``acks_by_kind`` and ``nacks_by_kind`` count resources pushed on streams (a delta
+    removal included), ACKed and NACKed, by :func:`agent.sds.names.resource_kind` (a
+    bounded label: never a SPIFFE ID or pod UID).
     """
 
     streams_opened: int = 0
@@ -32,3 +51,6 @@ class SdsStats:
     caller_failures: int = 0
     callers_exited: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    pushes_by_kind: Counter[str] = field(default_factory=Counter)
+    acks_by_kind: Counter[str] = field(default_factory=Counter)
+    nacks_by_kind: Counter[str] = field(default_factory=Counter)
