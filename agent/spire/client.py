@@ -34,6 +34,7 @@ from agent.spire.backoff import Backoff, BackoffPolicy
 __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
     "RETRYABLE_CODES",
+    "UNREACHABLE_CODES",
     "ClientObserver",
     "ClientStatus",
     "DelegatedIdentityClient",
@@ -56,6 +57,12 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.UNKNOWN,
     }
+)
+
+# Codes that mean SPIRE did not answer at all (as opposed to answering with an error, which
+# proves it is there): they start an "unreachable since" episode for readiness checks.
+UNREACHABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 
 _Resp = TypeVar("_Resp")
@@ -106,6 +113,11 @@ class ClientStatus:
 
     ``connected`` is true when the most recent outcome of any call was a success (a
     message on a stream, or a unary answer) and false after any failure.
+
+    ``reached``: SPIRE has answered at least once (a message, or an error status that only
+    a running SPIRE agent sends, such as PERMISSION_DENIED). ``unreachable_since``: the
+    client clock's time of the first failure in :data:`UNREACHABLE_CODES` since SPIRE last
+    answered; None while it answers.
     """
 
     socket_path: str
@@ -114,6 +126,8 @@ class ClientStatus:
     active_streams: int
     last_error: str | None
     last_error_code: str | None
+    reached: bool = False
+    unreachable_since: float | None = None
 
 
 def spire_error(
@@ -218,6 +232,8 @@ class DelegatedIdentityClient:
         self._active_streams = 0
         self._last_error: str | None = None
         self._last_error_code: str | None = None
+        self._reached = False
+        self._unreachable_since: float | None = None
         self._socket_missing_reported = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -235,6 +251,8 @@ class DelegatedIdentityClient:
             active_streams=self._active_streams,
             last_error=self._last_error,
             last_error_code=self._last_error_code,
+            reached=self._reached,
+            unreachable_since=self._unreachable_since,
         )
 
     @property
@@ -502,12 +520,19 @@ class DelegatedIdentityClient:
 
     def _succeeded(self) -> None:
         self._connected = True
+        self._reached = True
+        self._unreachable_since = None
         self._socket_missing_reported = False
 
     def _failed(self, code: grpc.StatusCode, details: str) -> None:
         self._connected = False
         self._last_error = f"{code.name}: {details}"
         self._last_error_code = code.name
+        if code not in UNREACHABLE_CODES:
+            self._reached = True  # an answer, if an unwelcome one
+            self._unreachable_since = None
+        elif self._unreachable_since is None:
+            self._unreachable_since = self._clock()
 
     def _report_retry(
         self,

@@ -50,6 +50,11 @@ class PeerCredentialRelay:
     def connections(self) -> int:
         return len(self._peers)
 
+    @property
+    def serving(self) -> bool:
+        """True while the public socket accepts connections."""
+        return self._server is not None and self._server.is_serving()
+
     async def start(self) -> None:
         sock = bind_unix_listener(self.public_path, mode=self._mode, group=self._group,
                                   backlog=self._backlog)

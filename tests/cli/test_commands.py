@@ -17,6 +17,9 @@ from agent.cli import build_parser
 from tests.integration.conftest import DELEGATE, TD, selector_entry
 
 CLI = [sys.executable, "-m", "agent"]
+# Free ports for the health and metrics endpoints, so that agents never clash on ports.
+ANY_PORTS = {"SPIFFE_DELEGATE_HEALTH_ADDRESS": "127.0.0.1:0",
+             "SPIFFE_DELEGATE_METRICS_ADDRESS": "127.0.0.1:0"}
 
 
 def wait_for_line(path: Path, needle: str, timeout: float = 20.0) -> str:
@@ -40,7 +43,7 @@ class Procs:
         log = self.work / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([*CLI, *args], stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})})
+                                    env={**os.environ, **ANY_PORTS, **(env or {})})
         self.procs.append(proc)
         return proc, log
 

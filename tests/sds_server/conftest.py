@@ -26,7 +26,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 
 from agent.cache.keys import WorkloadKey
 from agent.cache.watch import CacheState, StatePublisher, Watch
-from agent.config import AgentSettings, ReconnectSettings
+from agent.config import AgentSettings, HostPort, ReconnectSettings
 from agent.devspire import DevSpire, DevSpireSettings
 from agent.model import X509Svid
 from agent.runner import Agent
@@ -45,6 +45,7 @@ PROXY_ID = f"spiffe://{TD}/ns/zarf/sa/registry-proxy"
 REGISTRY_ID = f"spiffe://{TD}/ns/zarf/sa/zarf-registry"
 SELF_EXE = os.readlink("/proc/self/exe")
 FAST = ReconnectSettings(initial=0.02, maximum=0.2, reset_after=1.0)
+ANY_PORT = HostPort("127.0.0.1", 0)
 # Uids that name Envoys in entries (unix:uid:N); nobody needs to exist in /etc/passwd.
 UID_A, UID_B = 2101, 2102
 
@@ -129,9 +130,11 @@ async def make_stack(work: Path, entries: Sequence[dict[str, Any]] = (),
                                       authorized_delegates=(DELEGATE,), reload_interval=0.05)
     spire = DevSpire(spire_settings)
     await spire.start()
+    # Port 0: agents of tests running at once (and on one host) never clash on ports.
     settings = AgentSettings(spire_admin_socket=work / "admin.sock",
                              sds_socket=work / "sds.sock", trust_domain=TD, reconnect=FAST,
-                             shutdown_grace=2.0)
+                             shutdown_grace=2.0, health_address=ANY_PORT,
+                             metrics_address=ANY_PORT)
     settings = dataclasses.replace(settings, **agent_changes)
     return Stack(work, spire, spire_settings, entries_path, settings)
 

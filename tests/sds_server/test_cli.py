@@ -24,6 +24,9 @@ from tests.waiting import eventually
 
 ID_A = f"spiffe://{TD}/envoy/a"
 PROXY = f"spiffe://{TD}/ns/zarf/sa/registry-proxy"
+# Free ports for the health and metrics endpoints, so that agents never clash on ports.
+ANY_PORTS = {"SPIFFE_DELEGATE_HEALTH_ADDRESS": "127.0.0.1:0",
+             "SPIFFE_DELEGATE_METRICS_ADDRESS": "127.0.0.1:0"}
 
 
 async def _start(log: Path, *args: str, env: dict[str, str] | None = None,
@@ -31,7 +34,7 @@ async def _start(log: Path, *args: str, env: dict[str, str] | None = None,
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", "run", *args, stdout=out, stderr=out,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **ANY_PORTS, **(env or {})})
 
 
 async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> int:  # noqa: ASYNC109
@@ -58,7 +61,9 @@ async def test_run_serves_envoy_refuses_a_second_agent_and_drains_on_sigterm(
                          what="the agent to serve SDS")
         st = sds_socket.stat()
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == UID_A
-        assert f"trusted proxies (may ask for workload:<pod uid>): {PROXY}" in log.read_text()
+        # Logged after the SDS socket and the HTTP endpoints are up: wait for it.
+        await eventually(lambda: f"trusted proxies (may ask for workload:<pod uid>): {PROXY}"
+                         in log.read_text(), what="the trusted proxies line")
 
         envoy = as_user(sds_bootstrap(sds_socket), UID_A)
         await envoy.astart()

@@ -1,0 +1,1 @@
+"""HTTP endpoints of the agent: health, readiness and Prometheus metrics."""
