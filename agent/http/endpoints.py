@@ -13,12 +13,13 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from agent.config import AgentSettings, HostPort
 from agent.http.readiness import ReadinessProbe
 from agent.http.server import HttpLimits, HttpServer, Request, Response, TlsSource
 from agent.http.tls import FileTls, PeerIdAuthorizer, SpiffeTls
+from agent.metrics import render
 from agent.model import X509Bundles, X509SvidUpdate
 from agent.spire.client import DelegatedIdentityClient
 
@@ -152,6 +153,5 @@ class Endpoints:
         return Response(status, readiness.to_json(), content_type="application/json")
 
     def _metrics(self, _: Request) -> Response:
-        # agent.metrics.render(registry) does the same once agent/metrics lands.
-        return Response(HTTPStatus.OK, generate_latest(self._registry),
-                        content_type=CONTENT_TYPE_LATEST)
+        body, content_type = render(self._registry)
+        return Response(HTTPStatus.OK, body, content_type=content_type)
