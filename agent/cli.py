@@ -17,11 +17,13 @@ from agent.cliopts import OneLineParser, Option, add_options, repeatable_values
 from agent.config import (
     DEFAULT_SDS_SOCKET,
     DEFAULT_SPIRE_ADMIN_SOCKET,
+    METRICS_TLS_MODES,
     AgentSettings,
     HostPort,
+    MetricsTlsSettings,
     ReconnectSettings,
     byte_size,
-    parse_host_port,
+    listen_address,
     positive_duration,
 )
 from agent.errors import SpiffeDelegateError
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "SPIFFE_DELEGATE_"
 DEV_SPIRE_ENV_PREFIX = "SPIFFE_DELEGATE_DEV_SPIRE_"
+DEMO_ENV_PREFIX = "SPIFFE_DELEGATE_DEMO_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -134,10 +137,31 @@ RUN_OPTIONS = (
            convert=str.lower, metavar="KEY"),
     Option("--shutdown-grace", "on SIGTERM: how long streams may take to close before exit",
            convert=positive_duration, default=5.0, shown="5s", metavar="DUR"),
-    Option("--health-address", "where /healthz and /readyz are served",
-           convert=parse_host_port, default=HostPort("127.0.0.1", 8086), metavar="HOST:PORT"),
-    Option("--metrics-address", "where Prometheus /metrics is served",
-           convert=parse_host_port, default=HostPort("127.0.0.1", 9086), metavar="HOST:PORT"),
+    Option("--health-address", "where /healthz and /readyz are served (off: not served; "
+           "port 0: any free port)", convert=listen_address,
+           default=HostPort("127.0.0.1", 8086), metavar="HOST:PORT"),
+    Option("--ready-spire-timeout", "/readyz fails once SPIRE has been unreachable this long "
+           "(cached SVIDs are still served)", convert=positive_duration, default=60.0,
+           shown="60s", metavar="DUR"),
+    Option("--metrics-address", "where Prometheus /metrics is served (off: not served; "
+           "port 0: any free port)", convert=listen_address,
+           default=HostPort("127.0.0.1", 9086), metavar="HOST:PORT"),
+    Option("--metrics-tls-mode", "none: plain HTTP; spiffe: mutual TLS with the agent's own "
+           "SVID, scrapers' SVIDs listed in --metrics-allowed-id; files: mutual TLS from "
+           "--metrics-cert-file, --metrics-key-file and --metrics-client-ca-file",
+           default="none", choices=METRICS_TLS_MODES, convert=str.lower, metavar="MODE"),
+    Option("--metrics-allowed-id", "SPIFFE ID of a client allowed to scrape /metrics "
+           "(repeatable; required with --metrics-tls-mode spiffe)",
+           convert=_workload_spiffe_id, repeatable=True, metavar="SPIFFEID"),
+    Option("--metrics-cert-file", "PEM certificate chain /metrics presents (files mode; "
+           "cert-manager's tls.crt)", convert=Path, metavar="FILE"),
+    Option("--metrics-key-file", "PEM private key of --metrics-cert-file (files mode; "
+           "cert-manager's tls.key)", convert=Path, metavar="FILE"),
+    Option("--metrics-client-ca-file", "PEM CA certificates scrapers' client certificates "
+           "must chain to (files mode; cert-manager's ca.crt)", convert=Path, metavar="FILE"),
+    Option("--metrics-tls-reload-interval", "how often the files-mode TLS files are checked "
+           "for changes", convert=positive_duration, default=10.0, shown="10s",
+           metavar="DUR"),
     Option("--trust-domain", "the local trust domain, whose bundle every caller's state "
            "carries", convert=_trust_domain, metavar="TD"),
     Option("--reconnect-initial", "first back-off delay after losing SPIRE",
@@ -170,12 +194,31 @@ DEV_SPIRE_OPTIONS = (
            convert=positive_duration, default=86400.0, shown="24h", metavar="DUR"),
     Option("--faults", "fault-injection file for tests (JSON, reloaded on change)",
            convert=Path, metavar="FILE"),
+    Option("--data-dir", "directory keeping the CA and JWT keys across restarts, as SPIRE "
+           "server's data_dir (unset: in memory only)", convert=Path, metavar="DIR"),
     Option("--reload-interval", "how often entry, pod and fault files are checked",
            convert=positive_duration, default=1.0, shown="1s", metavar="DUR"),
     Option("--socket-mode", "file mode of the socket", convert=_octal_mode,
            default=0o770, shown="0770", metavar="MODE"),
     Option("--proc-root", "where /proc is (tests point this at a synthetic tree)",
            convert=Path, default=Path("/proc"), metavar="PATH"),
+    *LOGGING_OPTIONS,
+)
+
+
+DEMO_OPTIONS = (
+    Option("--duration", "stop after this long and exit 0 only if rotations reached every "
+           "Envoy and no pull failed (non-interactive; for CI)", convert=positive_duration,
+           metavar="DUR"),
+    Option("--svid-ttl", "X.509-SVID lifetime dev-spire issues (rotated at half)",
+           convert=positive_duration, default=6.0, shown="6s", metavar="DUR"),
+    Option("--family", "loopback every hop uses: ipv4 (127.0.0.1) or ipv6 (::1); the node "
+           "proxy listens on both", default="ipv4", choices=("ipv4", "ipv6")),
+    Option("--attestation", "how Envoys are attested: pods (root: real pod cgroups, "
+           "k8s:pod-uid), unix (uid + binary path), auto (pods when possible)",
+           default="auto", choices=("auto", "pods", "unix")),
+    Option("--workdir", "directory for every file of the demo (default: a new temporary "
+           "directory, removed at the end)", convert=Path, metavar="DIR"),
     *LOGGING_OPTIONS,
 )
 
@@ -202,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A SPIRE-agent-compatible Delegated Identity API server for development "
         "and tests. Production uses SPIRE.")
     add_options(dev, DEV_SPIRE_OPTIONS, DEV_SPIRE_ENV_PREFIX)
+    demo = commands.add_parser(
+        "demo", help="run the registry chain demo (dev-spire, agent, Envoys, registry)",
+        description="Runs dev-spire, the agent, a real registry and three Envoys on "
+        "loopback, pushes an image as CI and pulls it through the node proxy while SVIDs "
+        "rotate. Ctrl-C stops it and removes everything it made.")
+    add_options(demo, DEMO_OPTIONS, DEMO_ENV_PREFIX)
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -219,6 +268,13 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         raise SpiffeDelegateError(
             "--reconnect-initial is larger than --reconnect-max",
             "make the initial back-off no longer than the maximum")
+    metrics_tls = MetricsTlsSettings(
+        mode=args.metrics_tls_mode,
+        allowed_ids=tuple(dict.fromkeys(repeatable_values(args, "metrics_allowed_id"))),
+        cert_file=args.metrics_cert_file, key_file=args.metrics_key_file,
+        client_ca_file=args.metrics_client_ca_file,
+        reload_interval=args.metrics_tls_reload_interval)
+    metrics_tls.validate(args.trust_domain)
     return AgentSettings(
         spire_admin_socket=args.spire_admin_socket,
         sds_socket=args.sds_socket,
@@ -230,6 +286,8 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         shutdown_grace=args.shutdown_grace,
         health_address=args.health_address,
         metrics_address=args.metrics_address,
+        ready_spire_timeout=args.ready_spire_timeout,
+        metrics_tls=metrics_tls,
         trust_domain=args.trust_domain,
         log_format=args.log_format,
         log_level=args.log_level,
@@ -239,13 +297,16 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
     )
 
 
-async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+Body = Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]
+
+
+async def _until_signalled(body: Body) -> int | None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await body(stop)
+        return await body(stop)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
@@ -268,13 +329,21 @@ def dev_spire_settings(args: argparse.Namespace) -> DevSpireSettings:
         reload_interval=args.reload_interval,
         faults_path=str(args.faults) if args.faults else None,
         socket_mode=args.socket_mode,
+        data_dir=str(args.data_dir) if args.data_dir else None,
     )
     settings.validate()
     return settings
 
 
-def _command(args: argparse.Namespace) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+def _command(args: argparse.Namespace) -> Body:
     """Checks the settings of the command and returns its body."""
+    if args.command == "demo":
+        from agent.demo.command import DemoOptions, run_demo
+
+        options = DemoOptions(duration=args.duration, svid_ttl=args.svid_ttl,
+                              ipv6=args.family == "ipv6",
+                              attestation=args.attestation, workdir=args.workdir)
+        return lambda stop: run_demo(options, stop)
     if args.command == "run":
         from agent.runner import run_agent
 
@@ -299,13 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level, args.log_format)
     try:
-        asyncio.run(_until_signalled(body))
+        status = asyncio.run(_until_signalled(body))
     except SpiffeDelegateError as exc:
         logging.getLogger("spiffe_delegate").error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 if __name__ == "__main__":
     sys.exit(main())

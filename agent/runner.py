@@ -23,8 +23,10 @@ from prometheus_client import CollectorRegistry
 from agent.attest.procfs import ProcReader
 from agent.cache import CacheSettings, KeyMode, SpireSource, SvidCache
 from agent.clock import Clock, SystemClock
-from agent.config import AgentSettings
+from agent.config import AgentSettings, HostPort
 from agent.errors import SpireError, SpirePermissionDenied
+from agent.http.endpoints import Endpoints
+from agent.metrics import AgentMetrics, SdsAckMetrics, SpireRpcMetrics
 from agent.model import JwtBundles, X509Bundles, X509SvidUpdate
 from agent.sds.server import SdsServer, SdsSettings
 from agent.sds.view import ViewSettings
@@ -56,27 +58,38 @@ def describe_bundles(bundles: X509Bundles | JwtBundles) -> str:
 
 
 class OwnIdentityFollower:
-    """Follows the agent's own SVIDs and the bundles, through an SvidGate."""
+    """Follows the agent's own SVIDs and the bundles, through an SvidGate.
+
+    ``on_identity(accepted, bundles)`` is called whenever the accepted SVIDs or the X.509
+    bundles change (the /metrics endpoint's TLS material in spiffe mode)."""
 
     def __init__(self, client: DelegatedIdentityClient, pid: int, *,
-                 on_trust_domain: Callable[[str], None] | None = None) -> None:
+                 on_trust_domain: Callable[[str], None] | None = None,
+                 on_identity: Callable[[X509SvidUpdate, X509Bundles | None], None] | None
+                 = None) -> None:
         self._client = client
         self._pid = pid
         self._on_trust_domain = on_trust_domain
+        self._on_identity = on_identity
         self.gate = SvidGate(label="spiffe-delegate's own identity")
         self.changed = asyncio.Event()
         self._in_use: tuple[bytes, ...] = ()
+        self._bundles: X509Bundles | None = None
 
-    def _accepted(self, update: X509SvidUpdate) -> None:
+    def _accepted(self, update: X509SvidUpdate, *, bundles_changed: bool = False) -> None:
         """Logs the SVIDs in use whenever they change."""
         in_use = tuple(svid.cert_chain[0] for svid in update.svids)
         if in_use == self._in_use:
+            if bundles_changed and self._on_identity is not None:
+                self._on_identity(update, self._bundles)
             return
         self._in_use = in_use
         for line in describe_update(update, datetime.now(UTC)):
             _LOG.info("X.509-SVID in use: %s", line)
         if update.svids and self._on_trust_domain is not None:
             self._on_trust_domain(update.svids[0].trust_domain)
+        if self._on_identity is not None:
+            self._on_identity(update, self._bundles)
         self.changed.set()
 
     async def follow_svids(self) -> None:
@@ -91,7 +104,8 @@ class OwnIdentityFollower:
     async def follow_bundles(self) -> None:
         async for bundles in self._client.subscribe_x509_bundles():
             _LOG.info("X.509 bundles: %s", describe_bundles(bundles))
-            self._accepted(self.gate.update_bundles(bundles))
+            self._bundles = bundles
+            self._accepted(self.gate.update_bundles(bundles), bundles_changed=True)
 
     async def follow_jwt_bundles(self) -> None:
         async for bundles in self._client.subscribe_jwt_bundles():
@@ -138,8 +152,11 @@ class Agent:
 
     ``agent.sds``, ``agent.cache`` and ``agent.client`` are the parts; ``run(stop)`` follows
     the agent's own identity until ``stop`` is set; ``close()`` drains within
-    ``settings.shutdown_grace`` seconds.
+    ``settings.shutdown_grace`` seconds. ``agent.endpoints`` serves /healthz, /readyz and
+    /metrics once started (``agent.health_address``/``metrics_address``: where they bound).
     """
+
+    endpoints: Endpoints | None = None
 
     def __init__(self, settings: AgentSettings, *, reader: ProcReader | None = None,
                  clock: Clock | None = None, follow_own_identity: bool = True) -> None:
@@ -150,9 +167,10 @@ class Agent:
         policy = BackoffPolicy(initial=settings.reconnect.initial,
                                maximum=settings.reconnect.maximum,
                                reset_after=settings.reconnect.reset_after)
+        spire_rpc, sds_acks = SpireRpcMetrics(), SdsAckMetrics()  # hooks for self.metrics
         self.client = DelegatedIdentityClient(
             str(settings.spire_admin_socket), backoff=policy,
-            max_receive_message_bytes=settings.spire_max_message_bytes)
+            max_receive_message_bytes=settings.spire_max_message_bytes, observer=spire_rpc)
         self.source = SpireSource(self.client, self._reader, clock=self._clock)
         self.cache = SvidCache(self.source, clock=self._clock, settings=CacheSettings(
             key_mode=KeyMode(settings.cache_key), trust_domain=settings.trust_domain))
@@ -161,10 +179,13 @@ class Agent:
             socket_group=settings.sds_socket_group,
             view=ViewSettings(names=settings.sds_names, trust_domain=settings.trust_domain,
                               trusted_proxies=frozenset(settings.trusted_proxies))),
-            self.cache, reader=self._reader)
+            self.cache, reader=self._reader, observer=sds_acks)
         # Every metric of this agent registers here (never prometheus_client's global
         # REGISTRY): agent/metrics fills it, the metrics endpoint serves it.
         self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self.metrics = AgentMetrics(self.metrics_registry, client=self.client,
+                                    source=self.source, cache=self.cache, sds=self.sds,
+                                    clock=self._clock, spire_rpc=spire_rpc, sds_acks=sds_acks)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -176,14 +197,23 @@ class Agent:
         _LOG.info("connecting to the SPIRE agent admin socket %s as a delegate (pid %d)",
                   self.settings.spire_admin_socket, os.getpid())
         try:
+            endpoints = Endpoints(self.settings, client=self.client, sds=self.sds,
+                                  registry=self.metrics_registry)  # ConfigError before binding
             await self.sds.start()
         except BaseException:
             await self.client.close()
             raise
+        try:
+            await endpoints.start(follows_own_identity=self._follow_own)
+        except BaseException:
+            await self.close()
+            raise
+        self.endpoints = endpoints
         await self.cache.start()
         if self._follow_own:
             follower = OwnIdentityFollower(self.client, os.getpid(),
-                                           on_trust_domain=self.cache.learn_trust_domain)
+                                           on_trust_domain=self.cache.learn_trust_domain,
+                                           on_identity=endpoints.own_identity_changed)
             retry = self.settings.reconnect.maximum
             self._tasks = [
                 asyncio.create_task(_keep_following("own X.509-SVIDs", follower.follow_svids,
@@ -196,6 +226,16 @@ class Agent:
         if self.settings.trusted_proxies:
             _LOG.info("trusted proxies (may ask for workload:<pod uid>): %s",
                       ", ".join(self.settings.trusted_proxies))
+
+    @property
+    def health_address(self) -> HostPort | None:
+        """Where /healthz and /readyz listen (the real port for port 0); None: disabled."""
+        return self.endpoints.health_address if self.endpoints is not None else None
+
+    @property
+    def metrics_address(self) -> HostPort | None:
+        """Where /metrics listens (the real port for port 0); None: disabled."""
+        return self.endpoints.metrics_address if self.endpoints is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Returns when ``stop`` is set, or raises what ended a follower for good."""
@@ -212,6 +252,8 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.endpoints is not None:
+            await self.endpoints.close()
         # Leave a share of the grace for the cache and the client behind SDS.
         await self.sds.stop(grace=self.settings.shutdown_grace * 0.8)
         for name, closing in (("cache", self.cache.close), ("SPIRE client", self.client.close)):

@@ -28,7 +28,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from agent.attest.procfs import ProcReader
 from agent.errors import ConfigError
 from agent.sds.handler import SdsHandler
-from agent.sds.stats import SdsStats
+from agent.sds.stats import SdsObserver, SdsStats
 from agent.sds.view import ViewSettings, WatchSource
 from agent.uds.relay import PeerCredentialRelay
 
@@ -66,6 +66,7 @@ class SdsServer:
 
     def __init__(self, settings: SdsSettings, cache: WatchSource, *,
                  reader: ProcReader | None = None, stats: SdsStats | None = None,
+                 observer: SdsObserver | None = None,
                  logger: logging.Logger | None = None) -> None:
         self.settings = settings
         self._log = logger if logger is not None else _LOG
@@ -73,7 +74,8 @@ class SdsServer:
                                           group=settings.socket_group)
         self.handler = SdsHandler(cache, self._relay.lookup, settings=settings.view,
                                   reader=reader, stats=stats,
-                                  fetch_timeout=settings.fetch_timeout, logger=self._log)
+                                  fetch_timeout=settings.fetch_timeout, observer=observer,
+                                  logger=self._log)
         self._server: grpc.aio.Server | None = None
         self._started = False
         self._stopped = False
@@ -89,6 +91,11 @@ class SdsServer:
     @property
     def connections(self) -> int:
         return self._relay.connections
+
+    @property
+    def listening(self) -> bool:
+        """True from a successful start() until stop(): the socket accepts connections."""
+        return self._started and not self._stopped and self._relay.serving
 
     async def start(self) -> None:
         """Binds the socket and starts serving. Raises SocketInUse (a live server answers
