@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from agent.config import HostPort
+from agent.demo.pull import http_request
 from agent.metrics import render
 
 # A label value that is one of these is an identifier of something with unbounded (or
@@ -52,10 +54,21 @@ class Scrape:
 
 def scrape(registry: CollectorRegistry) -> Scrape:
     body, content_type = render(registry)
-    text = body.decode()
+    return parse_scrape(body.decode(), content_type)
+
+
+def parse_scrape(text: str, content_type: str) -> Scrape:
     families = {family.name: list(family.samples)
                 for family in text_string_to_metric_families(text)}
     return Scrape(text, content_type, families)
+
+
+async def scrape_endpoint(address: HostPort) -> Scrape:
+    """GET /metrics from a running agent's plain-HTTP metrics endpoint, as Prometheus."""
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    response = await http_request(f"http://{host}:{address.port}/metrics")
+    assert response.status == 200, response
+    return parse_scrape(response.body.decode(), response.headers.get("content-type", ""))
 
 
 def suspicious_labels(families: Mapping[str, Iterable[Sample]],

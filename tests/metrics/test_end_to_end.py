@@ -15,7 +15,7 @@ import pytest
 from agent.attest.verifier import ATTESTATION_RESULTS
 from agent.runner import Agent
 from tests.envoyproc import EnvoyProcess, sds_bootstrap
-from tests.metrics.labels import Scrape, scrape, suspicious_labels
+from tests.metrics.labels import Scrape, scrape, scrape_endpoint, suspicious_labels
 from tests.podcgroups import fake_pod
 from tests.sds_server.conftest import (
     TD,
@@ -96,7 +96,8 @@ async def test_every_metric_after_real_envoy_traffic(work_dir: Path, as_user: As
         await eventually(lambda: sum(sds.acks_by_kind.values()) >= 4,
                          what="Envoy's ACKs of the pushes")
 
-        result = scrape(agent.metrics_registry)
+        assert agent.metrics_address is not None
+        result = await scrape_endpoint(agent.metrics_address)  # over HTTP, as Prometheus
         envoy_pid = envoy.pid
         left = result.value("spiffe_delegate_svid_expiry_seconds", spiffe_id=ID_A)
 
