@@ -16,10 +16,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
+from agent.admin.recent import RecentErrors
+from agent.admin.status import StatusInputs, build_status
 from agent.attest.procfs import ProcReader
 from agent.cache import CacheSettings, KeyMode, SpireSource, SvidCache
 from agent.clock import Clock, SystemClock
@@ -153,7 +156,8 @@ class Agent:
     ``agent.sds``, ``agent.cache`` and ``agent.client`` are the parts; ``run(stop)`` follows
     the agent's own identity until ``stop`` is set; ``close()`` drains within
     ``settings.shutdown_grace`` seconds. ``agent.endpoints`` serves /healthz, /readyz and
-    /metrics once started (``agent.health_address``/``metrics_address``: where they bound).
+    /metrics once started (``agent.health_address``/``metrics_address``: where they bound),
+    and /status (``agent.status()``) beside /healthz.
     """
 
     endpoints: Endpoints | None = None
@@ -188,8 +192,19 @@ class Agent:
                                     clock=self._clock, spire_rpc=spire_rpc, sds_acks=sds_acks)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # The agent's warnings and errors while it runs, for /status.
+        self.recent_errors = RecentErrors()
+        self._log_root = logging.getLogger("spiffe_delegate")
 
     async def start(self) -> None:
+        self._log_root.addHandler(self.recent_errors)
+        try:
+            await self._start()
+        except BaseException:
+            self._log_root.removeHandler(self.recent_errors)
+            raise
+
+    async def _start(self) -> None:
         names = self.settings.sds_names
         if names.all_bundles_name is None:
             _LOG.warning("the SDS bundle name and all-bundles name are both %r; the "
@@ -198,7 +213,8 @@ class Agent:
                   self.settings.spire_admin_socket, os.getpid())
         try:
             endpoints = Endpoints(self.settings, client=self.client, sds=self.sds,
-                                  registry=self.metrics_registry)  # ConfigError before binding
+                                  registry=self.metrics_registry,
+                                  status=self.status)  # ConfigError before binding
             await self.sds.start()
         except BaseException:
             await self.client.close()
@@ -237,6 +253,18 @@ class Agent:
         """Where /metrics listens (the real port for port 0); None: disabled."""
         return self.endpoints.metrics_address if self.endpoints is not None else None
 
+    def status(self) -> dict[str, Any]:
+        """What the agent holds now (GET /status): see :mod:`agent.admin.status`."""
+        return build_status(StatusInputs(
+            pid=os.getpid(), settings=self.settings, spire=self.client.status,
+            sds_listening=self.sds.listening, sds_connections=self.sds.connections,
+            sds_stats=self.sds.stats, calls=self.sds.handler.open_calls(),
+            workloads=self.cache.workloads(), groups=self.cache.groups(),
+            cached=self.cache.cached_svids(), cache_stats=self.cache.stats,
+            verifier_stats=self.source.stats, recent_errors=self.recent_errors.snapshot(),
+            local_trust_domain=self.cache.local_trust_domain, now=self._clock.time(),
+            monotonic=time.monotonic()))
+
     async def run(self, stop: asyncio.Event) -> None:
         """Returns when ``stop`` is set, or raises what ended a follower for good."""
         await _first_of(stop, self._tasks)
@@ -262,6 +290,7 @@ class Agent:
             except TimeoutError:
                 _LOG.warning("the %s did not close within the shutdown grace", name)
         _LOG.info("stopped")
+        self._log_root.removeHandler(self.recent_errors)
 
     async def __aenter__(self) -> Agent:
         await self.start()

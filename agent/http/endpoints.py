@@ -1,17 +1,18 @@
-"""The agent's HTTP endpoints: /healthz and /readyz on --health-address, /metrics on
+"""The agent's HTTP endpoints: /healthz, /readyz and /status on --health-address, /metrics on
 --metrics-address (plain, or mutual TLS from the agent's own SVID or from files)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -67,11 +68,13 @@ class Endpoints:
     def __init__(self, settings: AgentSettings, *, client: DelegatedIdentityClient,
                  sds: SdsSocket, registry: CollectorRegistry,
                  limits: HttpLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 status: Callable[[], Mapping[str, Any]] | None = None) -> None:
         tls_settings = settings.metrics_tls
         tls_settings.validate(settings.trust_domain)
         self._settings = settings
         self._registry = registry
+        self._status_source = status
         self.readiness = ReadinessProbe(
             sds_problem=lambda: sds_socket_problem(sds), spire_status=lambda: client.status,
             spire_timeout=settings.ready_spire_timeout, clock=clock)
@@ -81,8 +84,11 @@ class Endpoints:
         self.health: HttpServer | None = None
         self.metrics: HttpServer | None = None
         if settings.health_address is not None:
+            routes = {"/healthz": _healthz, "/readyz": self._readyz}
+            if status is not None:
+                routes["/status"] = self._status
             self.health = HttpServer(
-                settings.health_address, {"/healthz": _healthz, "/readyz": self._readyz},
+                settings.health_address, routes,
                 flag="--health-address", name="/healthz and /readyz", limits=limits)
         if settings.metrics_address is not None:
             tls: TlsSource | None = None
@@ -151,6 +157,13 @@ class Endpoints:
         readiness = self.readiness.check()
         status = HTTPStatus.OK if readiness.ready else HTTPStatus.SERVICE_UNAVAILABLE
         return Response(status, readiness.to_json(), content_type="application/json")
+
+    def _status(self, _: Request) -> Response:
+        # What the agent holds (agent.admin.status: public facts only) and its readiness.
+        assert self._status_source is not None
+        body = {**self._status_source(), "readiness": dict(self.readiness.check().checks)}
+        return Response(HTTPStatus.OK, json.dumps(body, indent=1).encode() + b"\n",
+                        content_type="application/json")
 
     def _metrics(self, _: Request) -> Response:
         body, content_type = render(self._registry)

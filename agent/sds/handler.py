@@ -38,6 +38,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -45,6 +46,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from agent.attest.procfs import ProcReader
+from agent.cache.keys import WorkloadKey
 from agent.sds.caller import Caller, CallerUnknown, identify_caller
 from agent.sds.delta import DeltaProtocol
 from agent.sds.names import resource_kind
@@ -54,7 +56,7 @@ from agent.sds.stats import NoopSdsObserver, SdsObserver, SdsStats
 from agent.sds.view import NoIdentityLog, Resolution, View, ViewSettings, WatchSource
 from agent.uds.peercred import PeerCredentials
 
-__all__ = ["SdsHandler", "not_authorized_message"]
+__all__ = ["OpenCall", "SdsHandler", "not_authorized_message"]
 
 _LOG = logging.getLogger("spiffe_delegate.sds")
 _MAX_REMEMBERED = 4096
@@ -72,6 +74,20 @@ _STATE = _Event("state changed")
 _END = _Event("client closed")
 _STOP = _Event("agent stopping")
 _CACHE_CLOSED = _Event("cache closed")
+
+
+@dataclass(frozen=True)
+class OpenCall:
+    """One SDS call in progress, for status pages: who asks and as whom it is served
+    (public facts only, never a secret). ``opened_at`` is ``time.monotonic()``."""
+
+    method: str
+    pid: int
+    uid: int
+    pod_uid: str | None
+    key: WorkloadKey
+    spiffe_ids: tuple[str, ...]
+    opened_at: float
 
 
 class _StreamEnded(Exception):
@@ -129,6 +145,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         self._log = logger if logger is not None else _LOG
         self._no_identity = NoIdentityLog(self._log)
         self._mailboxes: set[_Mailbox] = set()
+        self._calls: dict[_Mailbox, tuple[str, View, float]] = {}
         self._draining = False
         self._logged: set[tuple[object, ...]] = set()
         self._idle = asyncio.Event()
@@ -145,6 +162,16 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
     async def wait_idle(self) -> None:
         """Returns once no stream is open."""
         await self._idle.wait()
+
+    def open_calls(self) -> list[OpenCall]:
+        """A snapshot of the calls in progress (streams, and fetches still waiting)."""
+        out = []
+        for method, view, opened_at in list(self._calls.values()):
+            process, state = view.caller.process, view.caller_state
+            out.append(OpenCall(method, process.pid, process.uid, process.pod_uid,
+                                view.caller.key, state.spiffe_ids if state else (),
+                                opened_at))
+        return out
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -246,7 +273,8 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                       caller.describe(), ", ".join(state.spiffe_ids) if state else "?",
                       version)
 
-    async def _open(self, context: Any, caller: Caller, mailbox: _Mailbox) -> View:
+    async def _open(self, context: Any, caller: Caller, mailbox: _Mailbox,
+                    method: str) -> View:
         try:
             view = View(self._cache, caller, self._settings, on_change=mailbox.state_changed,
                         on_closed=mailbox.cache_closed, no_identity=self._no_identity)
@@ -256,6 +284,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                                "the agent is shutting down")
             raise
         self._mailboxes.add(mailbox)
+        self._calls[mailbox] = (method, view, time.monotonic())
         self._idle.clear()
         self.stats.streams_active += 1
         return view
@@ -265,7 +294,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         """Identifies the caller, opens its view, and starts reading its requests."""
         caller = await self._identify(context, method)
         mailbox = _Mailbox()
-        view = await self._open(context, caller, mailbox)
+        view = await self._open(context, caller, mailbox, method)
         reader = asyncio.create_task(self._read(requests, mailbox),
                                      name=f"sds {method} read {caller.describe()}")
         return caller, mailbox, view, reader
@@ -279,6 +308,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         await view.close()
         view.caller.close()
         self._mailboxes.discard(mailbox)
+        self._calls.pop(mailbox, None)
         self.stats.streams_active -= 1
         if not self._mailboxes:
             self._idle.set()
@@ -413,7 +443,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         await self._check_type_url(context, request.type_url)
         caller = await self._identify(context, "FetchSecrets")
         mailbox = _Mailbox()
-        view = await self._open(context, caller, mailbox)
+        view = await self._open(context, caller, mailbox, "FetchSecrets")
         loop = asyncio.get_running_loop()
         budget = self._fetch_timeout
         remaining = context.time_remaining()
