@@ -1,4 +1,5 @@
-"""The spiffe-delegate command line: run, dev-spire, version."""
+"""The spiffe-delegate command line: run, dev-spire, demo, entries, spire-config, doctor,
+status, version."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.admin import entries as admin_entries
+from agent.admin import spire_config as admin_spire_config
 from agent.cliopts import OneLineParser, Option, add_options, repeatable_values
 from agent.config import (
     DEFAULT_SDS_SOCKET,
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
 ENV_PREFIX = "SPIFFE_DELEGATE_"
 DEV_SPIRE_ENV_PREFIX = "SPIFFE_DELEGATE_DEV_SPIRE_"
 DEMO_ENV_PREFIX = "SPIFFE_DELEGATE_DEMO_"
+ENTRIES_ENV_PREFIX = "SPIFFE_DELEGATE_ENTRIES_"
+SPIRE_CONFIG_ENV_PREFIX = "SPIFFE_DELEGATE_SPIRE_CONFIG_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -223,6 +228,91 @@ DEMO_OPTIONS = (
 )
 
 
+_DEFAULT_ENTRIES = admin_entries.EntriesSettings()
+ENTRIES_OPTIONS = (
+    Option("--trust-domain", "trust domain of every SPIFFE ID", convert=_trust_domain,
+           default=_DEFAULT_ENTRIES.trust_domain, metavar="TD"),
+    *(Option(f"--{key}", f"NAMESPACE/SERVICEACCOUNT of {title}",
+             convert=admin_entries.service_account, default=account, shown=str(account),
+             metavar="NS/SA")
+      for key, title, account in _DEFAULT_ENTRIES.workloads()),
+    Option("--node-selector-style", "parents of the workload entries: alias (a node alias "
+           "entry for every SPIRE agent of --cluster, written too), parent-id (--parent-id, "
+           "which exists already), k8s_psat (each --node-uid's agent, one set per node)",
+           default=_DEFAULT_ENTRIES.node_selector_style,
+           choices=admin_entries.NODE_SELECTOR_STYLES, metavar="STYLE"),
+    Option("--parent-id", "the node alias's (or the existing parent's) SPIFFE ID (default: "
+           "spiffe://<td>/ns/<ns>/sa/<sa> of --spire-agent)", convert=_workload_spiffe_id,
+           metavar="SPIFFEID"),
+    Option("--cluster", "cluster name the SPIRE agents' k8s_psat attestor is configured with",
+           convert=admin_entries.path_segment, default=_DEFAULT_ENTRIES.cluster,
+           metavar="NAME"),
+    Option("--spire-agent", "NAMESPACE/SERVICEACCOUNT the SPIRE agents run as (the node "
+           "alias's k8s_psat selectors)", convert=admin_entries.service_account,
+           default=_DEFAULT_ENTRIES.spire_agent, shown=str(_DEFAULT_ENTRIES.spire_agent),
+           metavar="NS/SA"),
+    Option("--node-uid", "with k8s_psat: a node's UID (repeatable)",
+           convert=admin_entries.path_segment, repeatable=True, metavar="UID"),
+    Option("--svid-ttl", "X.509-SVID TTL of the workload entries (whole seconds)",
+           convert=admin_entries.ttl_seconds, default=_DEFAULT_ENTRIES.svid_ttl, shown="1h",
+           metavar="DUR"),
+    Option("--class-name", "crd: className of the controller manager meant to act on them",
+           metavar="NAME"),
+    Option("--pod-label", "crd: a podSelector label of a ClusterSPIFFEID, as "
+           "WORKLOAD:KEY=VALUE with WORKLOAD registry-proxy, registry or ci (repeatable)",
+           convert=admin_entries.pod_label, repeatable=True, metavar="W:K=V"),
+    Option("--spire-server-command", "commands: how spire-server is run, e.g. 'kubectl exec "
+           "-n spire spire-server-0 -- spire-server'",
+           default=_DEFAULT_ENTRIES.spire_server_command, metavar="CMD"),
+    Option("--format", "commands (spire-server entry create), data (entry create -data "
+           "JSON, also dev-spire's --entries) or crd (SPIRE Controller Manager YAML)",
+           default="commands", choices=admin_entries.FORMATS, metavar="FORMAT"),
+    *LOGGING_OPTIONS,
+)
+
+SPIRE_CONFIG_OPTIONS = (
+    Option("--admin-socket-path", "the SPIRE agent's admin_socket_path",
+           default=DEFAULT_SPIRE_ADMIN_SOCKET, metavar="PATH"),
+    Option("--delegate-id", "SPIFFE ID to list in authorized_delegates (repeatable; default: "
+           "spiffe://<td>/ns/spiffe-delegate/sa/spiffe-delegate)", convert=_spiffe_id,
+           repeatable=True, metavar="SPIFFEID"),
+    Option("--trust-domain", "the SPIRE agent's trust domain", convert=_trust_domain,
+           default="example.org", metavar="TD"),
+    Option("--workload-api-socket", "the agent's socket_path, to check that the admin socket "
+           "is not in its directory", metavar="PATH"),
+    Option("--format", "hcl (agent.conf) or helm (values for the spire Helm chart)",
+           default="hcl", choices=admin_spire_config.FORMATS, metavar="FORMAT"),
+    *LOGGING_OPTIONS,
+)
+
+
+def _run_option(flag: str) -> Option:
+    """An option of ``run`` that an admin command shares (same default and variable)."""
+    return next(option for option in RUN_OPTIONS if option.flag == flag)
+
+
+DOCTOR_OPTIONS = (
+    _run_option("--spire-admin-socket"),
+    _run_option("--sds-socket"),
+    Option("--proc-root", "where the host's /proc is (tests point this at a synthetic tree)",
+           convert=Path, default=Path("/proc"), metavar="PATH"),
+    Option("--timeout", "how long SPIRE may take to answer", convert=positive_duration,
+           default=5.0, shown="5s", metavar="DUR"),
+    Option("--max-clock-skew", "how far in this clock's future an SVID's validity may start",
+           convert=positive_duration, default=30.0, shown="30s", metavar="DUR"),
+    *LOGGING_OPTIONS,
+)
+
+STATUS_OPTIONS = (
+    Option("--health-address", "the running agent's --health-address (it serves /status "
+           "there)", convert=listen_address, default=HostPort("127.0.0.1", 8086),
+           metavar="HOST:PORT"),
+    Option("--timeout", "how long the agent may take to answer", convert=positive_duration,
+           default=5.0, shown="5s", metavar="DUR"),
+    *LOGGING_OPTIONS,
+)
+
+
 def _package_version() -> str:
     try:
         return version("spiffe-delegate")
@@ -251,6 +341,32 @@ def build_parser() -> argparse.ArgumentParser:
         "loopback, pushes an image as CI and pulls it through the node proxy while SVIDs "
         "rotate. Ctrl-C stops it and removes everything it made.")
     add_options(demo, DEMO_OPTIONS, DEMO_ENV_PREFIX)
+    entries = commands.add_parser(
+        "entries", help="print the SPIRE registration entries for the agent and the registry",
+        description="Prints the registration entries of spiffe-delegate, the node registry "
+        "proxy, the registry and CI: as spire-server entry create commands, as -data JSON, "
+        "or as SPIRE Controller Manager resources.")
+    add_options(entries, ENTRIES_OPTIONS, ENTRIES_ENV_PREFIX)
+    spire_config = commands.add_parser(
+        "spire-config", help="print the SPIRE agent settings spiffe-delegate needs",
+        description="Prints the SPIRE agent's admin_socket_path and authorized_delegates, as "
+        "agent.conf HCL or as values for the spire Helm chart.")
+    add_options(spire_config, SPIRE_CONFIG_OPTIONS, SPIRE_CONFIG_ENV_PREFIX)
+    doctor = commands.add_parser(
+        "doctor", help="check this node's set-up for the agent (SPIRE, /proc, SDS socket)",
+        description="Checks what the agent needs here: the SPIRE admin socket, that SPIRE "
+        "serves this process as an authorized delegate, the host's PID namespace, pod "
+        "cgroups, the SDS socket's directory and the clock. Prints PASS, WARN, FAIL or SKIP "
+        "and what to do for each; exits 1 if any check failed.")
+    add_options(doctor, DOCTOR_OPTIONS, ENV_PREFIX)
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    status = commands.add_parser(
+        "status", help="show what the running agent holds (identities, SDS streams, SPIRE)",
+        description="Asks the running agent (GET /status on its health address) for its "
+        "cached identities, SDS streams, SPIRE connection and recent errors, and prints "
+        "them. Never shows key material.")
+    add_options(status, STATUS_OPTIONS, ENV_PREFIX)
+    status.add_argument("--json", action="store_true", help="print the agent's JSON as is")
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -335,8 +451,50 @@ def dev_spire_settings(args: argparse.Namespace) -> DevSpireSettings:
     return settings
 
 
+def entries_settings(args: argparse.Namespace) -> admin_entries.EntriesSettings:
+    return admin_entries.EntriesSettings(
+        trust_domain=args.trust_domain, agent=args.agent, registry_proxy=args.registry_proxy,
+        registry=args.registry, ci=args.ci, node_selector_style=args.node_selector_style,
+        parent_id=args.parent_id, cluster=args.cluster, spire_agent=args.spire_agent,
+        node_uids=tuple(dict.fromkeys(repeatable_values(args, "node_uid"))),
+        svid_ttl=args.svid_ttl, class_name=args.class_name or "",
+        pod_labels=tuple(repeatable_values(args, "pod_label")),
+        spire_server_command=args.spire_server_command)
+
+
+def spire_config_settings(args: argparse.Namespace) -> admin_spire_config.SpireConfigSettings:
+    return admin_spire_config.SpireConfigSettings(
+        trust_domain=args.trust_domain, admin_socket_path=args.admin_socket_path,
+        delegate_ids=tuple(repeatable_values(args, "delegate_id")),
+        workload_api_socket=args.workload_api_socket)
+
+
+def _printer(text: str) -> Body:
+    async def body(stop: asyncio.Event) -> int:
+        sys.stdout.write(text)
+        return 0
+
+    return body
+
+
 def _command(args: argparse.Namespace) -> Body:
     """Checks the settings of the command and returns its body."""
+    if args.command == "doctor":
+        from agent.admin.doctor import DoctorOptions, doctor
+
+        checks = DoctorOptions(spire_admin_socket=args.spire_admin_socket,
+                               sds_socket=args.sds_socket, proc_root=args.proc_root,
+                               timeout=args.timeout, max_clock_skew=args.max_clock_skew)
+        return lambda stop: doctor(checks, as_json=args.json)
+    if args.command == "status":
+        from agent.admin.status import show_status
+
+        return lambda stop: show_status(args.health_address, within=args.timeout,
+                                        as_json=args.json)
+    if args.command == "entries":
+        return _printer(admin_entries.render(entries_settings(args), args.format))
+    if args.command == "spire-config":
+        return _printer(admin_spire_config.render(spire_config_settings(args), args.format))
     if args.command == "demo":
         from agent.demo.command import DemoOptions, run_demo
 
