@@ -49,7 +49,13 @@ def bind_unix_listener(path: Path, *, mode: int, group: int | None = None,
     The socket is bound under a temporary name, given its mode, then renamed into place, so
     no client ever sees it with looser permissions than asked.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the socket directory {path.parent}: "
+                          f"{exc.strerror or exc}",
+                          "create it (writable by this user) or choose another socket path"
+                          ) from None
     clear_stale_socket(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -60,10 +66,14 @@ def bind_unix_listener(path: Path, *, mode: int, group: int | None = None,
             os.chown(tmp, -1, group)
         sock.listen(backlog)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         sock.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}",
+                              f"make {path.parent} writable by this user (uid "
+                              f"{os.geteuid()}) or choose another socket path") from None
         raise
     sock.setblocking(False)
     return sock

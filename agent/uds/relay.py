@@ -19,6 +19,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from agent.errors import ConfigError
 from agent.uds.listener import bind_unix_listener
 from agent.uds.peercred import PeerCredentials, close_pidfd, read_peer_credentials
 
@@ -36,7 +37,14 @@ class PeerCredentialRelay:
         self._mode = mode
         self._group = group
         self._backlog = backlog
-        self._inner_dir = Path(tempfile.mkdtemp(prefix="spiffe-delegate-"))  # mode 0700
+        try:
+            self._inner_dir = Path(tempfile.mkdtemp(prefix="spiffe-delegate-"))  # mode 0700
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create a private directory for the gRPC socket behind {public_path} "
+                f"in {tempfile.gettempdir()}: {exc.strerror or exc}",
+                "give the agent a writable temporary directory (TMPDIR, or an emptyDir "
+                "mounted at /tmp with a read-only root filesystem)") from None
         self._inner_path = self._inner_dir / "grpc.sock"
         self._peers: dict[str, PeerCredentials] = {}
         self._tasks: set[asyncio.Task[None]] = set()

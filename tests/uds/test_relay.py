@@ -135,3 +135,29 @@ def test_pidfd_reports_exit() -> None:
     finally:
         assert creds.pidfd is not None
         os.close(creds.pidfd)
+
+
+async def test_an_unusable_socket_directory_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    relay = PeerCredentialRelay(blocker / "sds.sock")
+    try:
+        with pytest.raises(ConfigError) as caught:
+            await relay.start()
+        assert str(blocker) in caught.value.message
+        assert "socket path" in caught.value.hint
+    finally:
+        await relay.close()
+
+
+def test_no_temporary_directory_is_one_clear_error(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only root filesystem without a writable /tmp: the agent says what to mount
+    instead of failing with a traceback."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError) as caught:
+        PeerCredentialRelay(tmp_path / "sds.sock")
+    assert "private directory" in caught.value.message
+    assert "/tmp" in caught.value.hint
