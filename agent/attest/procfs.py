@@ -25,7 +25,7 @@ __all__ = [
     "ProcessIdentity",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("spiffe_delegate.attest")
 
 # Errors that mean "this process is not there (any more)". ESRCH is what the kernel returns
 # for reads through a /proc/<pid> directory fd whose process has been reaped.
