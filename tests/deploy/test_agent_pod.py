@@ -34,6 +34,7 @@ from tests.deploy.test_manifests import agent_of, rendered
 
 AGENT_ID = "spiffe://example.org/ns/spiffe-delegate/sa/spiffe-delegate"
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -98,8 +99,19 @@ def pod_script(daemonset: dict[str, Any], node: Path) -> str:
         else:
             raise AssertionError(f"volume {mount['name']}: only hostPath and emptyDir here")
     for target in tmpfs:
+        # A checkout (and its venv) under an emptyDir's path, e.g. a clone in /tmp, would
+        # vanish under the tmpfs: keep it visible at the same path, as the image would.
+        venv = Path(sys.prefix).resolve()
+        kept = [path for path in (REPO, *(() if venv.is_relative_to(REPO) else (venv,)))
+                if path.is_relative_to(target)]
+        for index, path in enumerate(kept):
+            lines += [f"mkdir -p /run/.keep{index}",
+                      f"mount --bind {q(str(path))} /run/.keep{index}"]
         lines += [f"mkdir -p {q(target)}", f"mount -t tmpfs -o mode=1777,size=1m tmpfs "
                   f"{q(target)}"]
+        for index, path in enumerate(kept):
+            lines += [f"mkdir -p {q(str(path))}",
+                      f"mount --bind /run/.keep{index} {q(str(path))}"]
     if context.get("readOnlyRootFilesystem"):
         lines.append("mount -o remount,bind,ro /")
     capabilities = context.get("capabilities") or {}
