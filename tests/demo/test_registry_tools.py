@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.demo.chain import free_port
 from agent.demo.errors import BadHttpResponse, DemoDependencyMissing, PullFailed, PushFailed
 from agent.demo.image import OciImage, build_oci_layout
 from agent.demo.pull import MANIFEST_MEDIA_TYPES, http_request, pull_image
@@ -56,14 +57,6 @@ def _ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -106,7 +99,7 @@ async def running_registry(work: Path, host: str,
                            ready: Callable[[int], Awaitable[bool]] | None = None,
                            ) -> AsyncIterator[Registry]:
     """A docker-registry serving on a free port of ``host``, killed by PID on exit."""
-    port = _free_port(host)
+    port = free_port(host)
     registry = Registry(port, work / "registry.log")
     process = _start_registry(work, host, port, tls)
     try:
@@ -387,7 +380,7 @@ async def test_push_refused_by_a_proxy_is_denied(tmp_path: Path, host: str) -> N
 
     # Nothing listening: a failure, but not a refusal.
     with pytest.raises(PushFailed) as unreachable:
-        await push_image(image, f"{address}:{_free_port(host)}", "demo/hello", timeout=30)
+        await push_image(image, f"{address}:{free_port(host)}", "demo/hello", timeout=30)
     assert not unreachable.value.denied
     assert unreachable.value.status is None
     if ":" in host:
@@ -500,7 +493,7 @@ async def test_pull_rejects_a_blob_that_does_not_match_its_digest(tmp_path: Path
 
 
 async def test_pull_without_a_listener_fails_with_no_status() -> None:
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     with pytest.raises(PullFailed) as refused:
         await pull_image(f"http://127.0.0.1:{port}", "demo/hello", "1.0")
     assert refused.value.status is None

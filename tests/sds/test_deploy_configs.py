@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from agent.demo.chain import free_port
 from agent.model import X509Svid
 from agent.sds.names import SdsNames
 from agent.sds.resources import pem_certificates, pem_private_key, select_secrets
@@ -34,21 +34,6 @@ PROXY_ID = f"spiffe://{LOCAL_TD}/ns/zarf/sa/registry-proxy"
 REGISTRY_ID = f"spiffe://{LOCAL_TD}/ns/zarf/sa/zarf-registry"
 CI_ID = f"spiffe://{LOCAL_TD}/ns/ci/sa/image-publisher"
 SOCKET_IN_CONFIG = "/run/spiffe-delegate/sds.sock"
-
-
-def free_port() -> int:
-    """A port free on both 127.0.0.1 and ::1 (the node proxy listens on both)."""
-    for _ in range(100):
-        with socket.socket() as v4:
-            v4.bind(("127.0.0.1", 0))
-            port = int(v4.getsockname()[1])
-            try:
-                with socket.socket(socket.AF_INET6) as v6:
-                    v6.bind(("::1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port")
 
 
 def rewrite(text: str, replacements: dict[str, str]) -> str:
