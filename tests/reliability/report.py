@@ -1,11 +1,14 @@
 """Runs the reliability suite and writes ``docs/reliability.md`` from its results.
 
     python -m tests.reliability.report run [--soak] [pytest args...]
+    python -m tests.reliability.report merge REPORT.json
     python -m tests.reliability.report render
 
 ``run`` runs every test marked ``scenario`` (the soak too with ``--soak``), merges the
 results into ``docs/reliability-results.json`` (scenarios that did not run this time keep
-their last result and its date) and renders the Markdown table. ``render`` only renders.
+their last result and its date) and renders the Markdown table. ``merge`` does the same with
+the report of a run that already happened (``pytest --scenario-report=FILE``, as ``.ci/test``
+writes). ``render`` only renders.
 """
 
 from __future__ import annotations
@@ -111,13 +114,17 @@ def render(data: dict[str, Any], scenarios: Sequence[Scenario] = SCENARIOS) -> s
 
 
 def main(argv: Sequence[str]) -> int:
-    if not argv or argv[0] not in ("run", "render"):
+    if not argv or argv[0] not in ("run", "merge", "render") or (
+            argv[0] == "merge" and len(argv) != 2):
         print(__doc__)
         return 2
     stored: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if argv[0] == "run":
         extra = [a for a in argv[1:] if a != "--soak"]
         stored = merge(stored, run_suite("--soak" in argv[1:], extra))
+        RESULTS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    elif argv[0] == "merge":
+        stored = merge(stored, json.loads(Path(argv[1]).read_text()))
         RESULTS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
     DOC.write_text(render(stored))
     print(f"wrote {DOC.relative_to(ROOT)}")
