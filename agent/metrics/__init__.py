@@ -14,5 +14,7 @@ in docs/metrics.md.
 from agent.metrics.collector import AgentCollector
 from agent.metrics.events import SdsAckMetrics, SpireRpcMetrics
 from agent.metrics.registry import AgentMetrics, render
+from agent.metrics.runtime import RuntimeCollector
 
-__all__ = ["AgentCollector", "AgentMetrics", "SdsAckMetrics", "SpireRpcMetrics", "render"]
+__all__ = ["AgentCollector", "AgentMetrics", "RuntimeCollector", "SdsAckMetrics",
+           "SpireRpcMetrics", "render"]

@@ -19,6 +19,7 @@ from agent.metrics.collector import (
     VerifierSource,
 )
 from agent.metrics.events import SdsAckMetrics, SpireRpcMetrics
+from agent.metrics.runtime import RuntimeCollector
 
 __all__ = ["AgentMetrics", "render"]
 
@@ -29,7 +30,8 @@ class AgentMetrics:
     ``spire_rpc`` and ``sds_acks`` are the event hooks that were handed to the client
     (``observer=``) and the SDS server (``observer=``) when they were built; pass the same
     objects here so that what they measure is exposed. ``process``: also the standard
-    ``process_*`` and ``python_info`` metrics of this process.
+    ``process_*`` and ``python_info`` metrics of this process, and its asyncio tasks and
+    OS threads (:class:`~agent.metrics.runtime.RuntimeCollector`).
     """
 
     def __init__(self, registry: CollectorRegistry, *, client: ClientSource,
@@ -48,6 +50,7 @@ class AgentMetrics:
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
+            registry.register(RuntimeCollector())
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

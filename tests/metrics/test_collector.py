@@ -46,6 +46,8 @@ EVERY_FAMILY = {
     "spiffe_delegate_sds_acks": "counter",
     "spiffe_delegate_sds_nacks": "counter",
     "spiffe_delegate_sds_push_ack_seconds": "histogram",
+    "spiffe_delegate_asyncio_tasks": "gauge",
+    "spiffe_delegate_threads": "gauge",
 }
 
 
