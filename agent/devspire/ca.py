@@ -248,6 +248,9 @@ class TrustDomainCA:
         self.key_type = key_type
         self._clock = clock
         self._on_change = on_change
+        # Told of every private key made from now on (CA, JWT and SVID keys): tests use it to
+        # know every key that exists, to look for them where none may appear.
+        self.on_key: Callable[[PrivateKey], None] | None = None
         self.version = 1
         self.next: Authority | None = None
         self.retired: list[Authority] = []
@@ -266,13 +269,20 @@ class TrustDomainCA:
         if self._on_change is not None:
             self._on_change(self.state())
 
+    def new_key(self) -> PrivateKey:
+        """A fresh key of this CA's key type (``on_key`` is told of it)."""
+        key = generate_key(self.key_type)
+        if self.on_key is not None:
+            self.on_key(key)
+        return key
+
     def _new_authority(self, now: float) -> Authority:
         self._serial += 1
-        key = generate_key(self.key_type)
+        key = self.new_key()
         cert = _make_ca(self.trust_domain, self._serial, key, now, self.ca_ttl)
         _LOG.info("trust domain %s: new CA %d valid until %s", self.trust_domain, self._serial,
                   _ts(now + self.ca_ttl).isoformat())
-        return Authority(self.trust_domain, self._serial, cert, key, generate_key(self.key_type),
+        return Authority(self.trust_domain, self._serial, cert, key, self.new_key(),
                          _random_kid(), now, now + self.ca_ttl)
 
     def authorities(self) -> list[Authority]:
@@ -336,7 +346,7 @@ class TrustDomainCA:
         """A fresh key and X509-SVID; never valid beyond the signing CA."""
         now = self._clock() if now is None else now
         authority = self.active
-        key = generate_key(self.key_type)
+        key = self.new_key()
         # Whole seconds, rounded up so that even a sub-second TTL ends after ``now``.
         not_after = min(math.ceil(now + ttl), int(authority.not_after))
         public = key.public_key()

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as pb
 from agent._proto.spire.api.types import spiffeid_pb2, x509svid_pb2
-from agent.devspire.ca import TrustDomainCA, build_svid_certificate, generate_key, pkcs8_der
+from agent.devspire.ca import TrustDomainCA, build_svid_certificate, pkcs8_der
 
 FOREIGN_TRUST_DOMAIN = "foreign.invalid"
 _HOUR = 3600.0
@@ -52,7 +52,7 @@ def corrupt_svid(item: pb.X509SVIDWithKey, mode: str, local: TrustDomainCA,
         out_id = spiffeid_pb2.SPIFFEID(trust_domain=foreign.trust_domain, path=path)
         expires_at = int(now + _HOUR)
     elif mode == "key_mismatch":
-        key_der = pkcs8_der(generate_key(local.key_type))
+        key_der = pkcs8_der(local.new_key())
     elif mode == "wrong_san":
         td, path = _split_id(spiffe_id)
         chain = [leaf(local, f"spiffe://{td}/wrong-san{path}", now - 10, now + _HOUR)]
