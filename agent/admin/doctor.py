@@ -165,7 +165,10 @@ async def ask_spire(path: Path, *, pid: int, within: float) -> SpireAnswer:
                                        first_message_warning=None) as client:
         stream = client.subscribe_x509_svids(pid=pid)
         try:
-            update = await asyncio.wait_for(anext(stream, None), within)
+            # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that races the
+            # answer, and the doctor then never returns when asked to stop.
+            async with asyncio.timeout(within):
+                update = await anext(stream, None)
         except TimeoutError:
             return SpireAnswer(timed_out=True, seconds=time.monotonic() - started)
         except SpireError as exc:

@@ -234,7 +234,13 @@ class DelegatedIdentityClient:
         self._last_error_code: str | None = None
         self._reached = False
         self._unreachable_since: float | None = None
-        self._socket_missing_reported = False
+        # Outage episodes, for logging each cause once: the retry loops failing right now,
+        # and the causes (status code names) already logged since SPIRE last answered.
+        self._failing: set[object] = set()
+        self._episode_causes: dict[str, str] = {}
+        # Streams whose first message is overdue, and whether that was logged.
+        self._slow: set[object] = set()
+        self._slow_reported = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -333,7 +339,7 @@ class DelegatedIdentityClient:
             "SubscribeToX509Bundles",
             "",
             lambda stub: stub.SubscribeToX509Bundles(request),
-            convert.x509_bundles_from_proto,
+            _BundleFilter(self._path, self._log),
         )
 
     def subscribe_jwt_bundles(self) -> AsyncIterator[JwtBundles]:
@@ -369,6 +375,26 @@ class DelegatedIdentityClient:
         deadline = self._clock() + budget
         backoff = Backoff(self._policy, rng=self._rng, clock=self._clock)
         earlier: tuple[grpc.StatusCode, str] | None = None
+        token = object()
+        try:
+            return await self._fetch_jwt_loop(
+                method, request, label, budget, deadline, backoff, earlier, token, pid
+            )
+        finally:
+            self._failing.discard(token)
+
+    async def _fetch_jwt_loop(
+        self,
+        method: str,
+        request: pb.FetchJWTSVIDsRequest,
+        label: str,
+        budget: float,
+        deadline: float,
+        backoff: Backoff,
+        earlier: tuple[grpc.StatusCode, str] | None,
+        token: object,
+        pid: int | None,
+    ) -> list[JwtSvid]:
         while True:
             remaining = deadline - self._clock()
             started = self._clock()
@@ -381,6 +407,7 @@ class DelegatedIdentityClient:
             except _Timeout:
                 code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time"
             else:
+                self._failing.discard(token)
                 self._succeeded()
                 self._notify_call(method, "OK", self._clock() - started)
                 return convert.jwt_svids_from_proto(response)
@@ -408,7 +435,10 @@ class DelegatedIdentityClient:
                 ) from None
             if code != grpc.StatusCode.DEADLINE_EXCEEDED:
                 earlier = (code, details)
-            self._report_retry(method, label, code, details, backoff.failures, delay)
+            self._failing.add(token)
+            self._report_retry(
+                method, f"{method}({label})", code, details, backoff.failures, delay
+            )
             if await self._sleep(delay):
                 raise RuntimeError("DelegatedIdentityClient was closed during FetchJWTSVIDs")
 
@@ -428,6 +458,7 @@ class DelegatedIdentityClient:
         name = f"{method}({label})" if label else method
         backoff = Backoff(self._policy, rng=self._rng, clock=self._clock)
         loop = asyncio.get_running_loop()
+        token = object()  # this retry loop, in the outage bookkeeping
         self._active_streams += 1
         try:
             while not self._closed.is_set():
@@ -436,7 +467,10 @@ class DelegatedIdentityClient:
                 first_at: float | None = None
                 watchdog = (
                     loop.call_later(
-                        self._first_message_warning, self._warn_slow_first_message, name
+                        self._first_message_warning,
+                        self._warn_slow_first_message,
+                        name,
+                        token,
                     )
                     if self._first_message_warning is not None
                     else None
@@ -450,8 +484,10 @@ class DelegatedIdentityClient:
                                 watchdog.cancel()
                             backoff.healthy()
                             self._notify_call(method, "OK", first_at - started)
+                            self._answered_first(token, first_at - started)
+                            self._failing.discard(token)
                             if backoff.failures:
-                                self._log.info(
+                                self._log.debug(
                                     "%s to SPIRE agent at %s re-established after %d failed "
                                     "attempt(s)",
                                     name,
@@ -478,6 +514,7 @@ class DelegatedIdentityClient:
                 finally:
                     if watchdog is not None:
                         watchdog.cancel()
+                    self._slow.discard(token)
                     call.cancel()
                 if self._closed.is_set():
                     return
@@ -502,18 +539,24 @@ class DelegatedIdentityClient:
                         attempts=backoff.failures,
                     ) from None
                 self._reconnects += 1
+                self._failing.add(token)
                 self._report_retry(method, name, code, details, backoff.failures, delay)
                 if await self._sleep(delay):
                     return
         finally:
             self._active_streams -= 1
+            self._failing.discard(token)
+            self._slow.discard(token)
 
     # --- bookkeeping and logs -------------------------------------------------------------
 
     async def _sleep(self, delay: float) -> bool:
         """Waits ``delay`` seconds; True if the client was closed meanwhile."""
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as
+        # the client is closed, and the cancelled task then carries on retrying.
         try:
-            await asyncio.wait_for(self._closed.wait(), timeout=delay)
+            async with asyncio.timeout(delay):
+                await self._closed.wait()
         except TimeoutError:
             return False
         return True
@@ -522,7 +565,13 @@ class DelegatedIdentityClient:
         self._connected = True
         self._reached = True
         self._unreachable_since = None
-        self._socket_missing_reported = False
+        if self._episode_causes and not self._failing:
+            causes, self._episode_causes = self._episode_causes, {}
+            self._log.info(
+                "SPIRE agent at %s answers again; every call recovered (the outage was: %s)",
+                self._path,
+                "; ".join(causes.values()),
+            )
 
     def _failed(self, code: grpc.StatusCode, details: str) -> None:
         self._connected = False
@@ -543,22 +592,32 @@ class DelegatedIdentityClient:
         attempt: int,
         delay: float,
     ) -> None:
+        """Logs a failure that will be retried: each cause once per outage episode.
+
+        An episode lasts from the first failure until every retry loop has been answered
+        again; the failures of all streams count as one episode, so a SPIRE restart is one
+        warning (and one "answers again"), not one per subscription and attempt."""
         self._safely(lambda: self._observer.on_retry(method, code.name, attempt, delay))
         if code == grpc.StatusCode.UNAVAILABLE and not Path(self._path).exists():
-            # The SPIRE agent is not up (or has no admin API): say so once per outage,
-            # not on every retry of every subscription.
-            if not self._socket_missing_reported:
-                self._socket_missing_reported = True
-                self._log.warning(
-                    "SPIRE agent admin socket %s does not exist (yet); waiting for the SPIRE "
-                    "agent to start. Its config must set admin_socket_path to this path",
-                    self._path,
-                )
+            cause = "socket-missing"
+            summary = f"admin socket {self._path} missing"
+            message = (
+                f"SPIRE agent admin socket {self._path} does not exist (yet); waiting for "
+                "the SPIRE agent to start. Its config must set admin_socket_path to this path"
+            )
+        else:
+            cause = code.name
+            summary = f"{code.name}: {details}"
+            message = (
+                f"{name} to SPIRE agent at {self._path} failed ({code.name}: {details}); "
+                f"retrying with back-off (next in {delay:.2f}s). Further {code.name} "
+                "failures are logged at debug level until SPIRE answers again"
+            )
+        if cause not in self._episode_causes:
+            self._episode_causes[cause] = summary
+            self._log.warning("%s", message)
             return
-        self._socket_missing_reported = False
-        level = logging.WARNING if attempt == 1 else logging.DEBUG
-        self._log.log(
-            level,
+        self._log.debug(
             "%s to SPIRE agent at %s failed (%s: %s); retrying in %.2fs (attempt %d)",
             name,
             self._path,
@@ -568,14 +627,31 @@ class DelegatedIdentityClient:
             attempt + 1,
         )
 
-    def _warn_slow_first_message(self, name: str) -> None:
-        self._log.warning(
-            "%s: no answer from SPIRE agent at %s after %gs; SPIRE waits until every "
-            "matching entry has a minted SVID, so check its registration entries and logs",
-            name,
-            self._path,
-            self._first_message_warning,
-        )
+    def _warn_slow_first_message(self, name: str, token: object) -> None:
+        first = not self._slow
+        self._slow.add(token)
+        if first and not self._slow_reported:
+            self._slow_reported = True
+            self._log.warning(
+                "%s: no answer from SPIRE agent at %s after %gs; SPIRE waits until every "
+                "matching entry has a minted SVID, so check its registration entries and "
+                "logs (other slow answers are not logged until SPIRE answers in time again)",
+                name,
+                self._path,
+                self._first_message_warning,
+            )
+
+    def _answered_first(self, token: object, seconds: float) -> None:
+        if token in self._slow:
+            self._slow.discard(token)
+            if not self._slow and self._slow_reported:
+                self._slow_reported = False
+                self._log.info(
+                    "SPIRE agent at %s answered after %.1fs; no stream is waiting for a "
+                    "first answer any longer",
+                    self._path,
+                    seconds,
+                )
 
     def _notify_call(self, method: str, code: str, seconds: float) -> None:
         self._safely(lambda: self._observer.on_call(method, code, seconds))
@@ -588,6 +664,46 @@ class DelegatedIdentityClient:
             hook()
         except Exception:  # a metrics bug must not break identity delivery
             self._log.exception("ClientObserver hook raised; ignored")
+
+
+class _BundleFilter:
+    """Converts one bundle subscription's messages, a trust domain at a time.
+
+    A trust domain whose bundle is malformed is refused on its own: the others are applied,
+    and it keeps its last good bundle from this subscription (or stays absent if it never
+    had one). Each refusal is logged once, until that trust domain's bundle parses again.
+    """
+
+    def __init__(self, socket_path: str, log: logging.Logger) -> None:
+        self._path = socket_path
+        self._log = log
+        self._good: dict[str, tuple[bytes, ...]] = {}
+        self._refused: set[str] = set()
+
+    def __call__(self, message: pb.SubscribeToX509BundlesResponse) -> X509Bundles:
+        parsed, bad = convert.x509_bundles_by_trust_domain(message)
+        out = dict(parsed.bundles)
+        for key, reason in sorted(bad.items()):
+            kept = self._good.get(key)
+            if kept is not None:
+                out[key] = kept
+            if key not in self._refused:
+                self._refused.add(key)
+                self._log.warning(
+                    "SPIRE agent at %s sent a malformed X.509 bundle for %s (%s); refused: %s. "
+                    "The other trust domains' bundles are applied",
+                    self._path,
+                    key,
+                    reason,
+                    "its previous bundle stays in use" if kept is not None
+                    else "it has no bundle until SPIRE sends a good one",
+                )
+        for key in sorted(self._refused & set(parsed.bundles)):
+            self._refused.discard(key)
+            self._log.info("the X.509 bundle for %s from SPIRE parses again; applied", key)
+        self._refused &= set(bad)
+        self._good = dict(out)
+        return X509Bundles(bundles=out)
 
 
 class _Timeout(Exception):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from cryptography import x509
+
 from agent._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as pb
 from agent._proto.spire.api.types import jwtsvid_pb2, selector_pb2, spiffeid_pb2, x509svid_pb2
 from agent.model import (
@@ -29,6 +31,8 @@ __all__ = [
     "spiffe_id_to_proto",
     "split_der_certificates",
     "validate_selectors",
+    "x509_bundle_certificates",
+    "x509_bundles_by_trust_domain",
     "x509_bundles_from_proto",
     "x509_bundles_to_proto",
     "x509_svid_from_proto",
@@ -209,6 +213,38 @@ def x509_bundles_from_proto(message: pb.SubscribeToX509BundlesResponse) -> X509B
         except ValueError as exc:
             raise ValueError(f"X.509 bundle for {key!r} is not concatenated DER: {exc}") from exc
     return X509Bundles(bundles=bundles)
+
+
+def x509_bundle_certificates(value: bytes) -> tuple[bytes, ...]:
+    """One trust domain's bundle value -> its CA certificates (DER each), or ValueError.
+
+    Stricter than the framing check alone: every piece must parse as an X.509 certificate
+    and there must be at least one, because a bundle that verifies nothing is no bundle."""
+    certs = split_der_certificates(value)
+    if not certs:
+        raise ValueError("no certificates")
+    for index, der in enumerate(certs):
+        try:
+            x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise ValueError(f"certificate #{index} does not parse: {exc}") from None
+    return certs
+
+
+def x509_bundles_by_trust_domain(
+    message: pb.SubscribeToX509BundlesResponse,
+) -> tuple[X509Bundles, dict[str, str]]:
+    """Like :func:`x509_bundles_from_proto`, one trust domain at a time: returns the
+    bundles that parse and, separately, why each other trust domain's did not
+    (``spiffe://td`` -> reason), so one bad federated bundle cannot sink the rest."""
+    good: dict[str, tuple[bytes, ...]] = {}
+    bad: dict[str, str] = {}
+    for key, value in message.ca_certificates.items():
+        try:
+            good[trust_domain_key(key)] = x509_bundle_certificates(value)
+        except ValueError as exc:
+            bad[trust_domain_key(key)] = str(exc)
+    return X509Bundles(bundles=good), bad
 
 
 def x509_bundles_to_proto(bundles: X509Bundles) -> pb.SubscribeToX509BundlesResponse:
