@@ -286,7 +286,8 @@ class Agent:
         await self.sds.stop(grace=self.settings.shutdown_grace * 0.8)
         for name, closing in (("cache", self.cache.close), ("SPIRE client", self.client.close)):
             try:
-                await asyncio.wait_for(closing(), max(deadline - time.monotonic(), 0.1))
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    await closing()
             except TimeoutError:
                 _LOG.warning("the %s did not close within the shutdown grace", name)
         _LOG.info("stopped")

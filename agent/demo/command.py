@@ -134,8 +134,11 @@ async def _run(chain: Chain, options: DemoOptions, stop: asyncio.Event) -> int:
                       f"{counts.ok} ok / {counts.failed} failed")
             screen.frame(render_table(rows(), ok=counts.ok, failed=counts.failed,
                                       elapsed=elapsed, header=header, events=events), status)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races the event being set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
     finally:
         for task in tasks:
             task.cancel()

@@ -109,7 +109,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, sig)
             try:
-                await asyncio.wait_for(child.process.wait(), grace)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races the child's exit.
+                async with asyncio.timeout(grace):
+                    await child.process.wait()
             except TimeoutError:
                 _LOG.warning("%s (pid %d) did not exit within %.1fs of %s; killing it",
                              name, child.pid, grace, sig.name)

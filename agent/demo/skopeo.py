@@ -100,7 +100,8 @@ async def _run(argv: list[str], limit: float, destination: str) -> tuple[int, st
         stderr=asyncio.subprocess.PIPE)
     try:
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(), limit)
+            async with asyncio.timeout(limit):  # not wait_for: see agent/devspire/server.py
+                _, stderr = await process.communicate()
         except TimeoutError:
             raise PushFailed(f"pushing to {destination} took longer than {limit:g}s",
                              "is the registry (or the proxy in front of it) answering?") from None
