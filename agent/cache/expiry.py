@@ -24,6 +24,8 @@ class _Tracked:
     on_expiry: Callable[[], None]
     warned: set[str]
     expired: set[str]
+    recheck_at: float | None = None
+    on_recheck: Callable[[], None] | None = None
 
 
 def _deadline(svid: VerifiedSvid, fraction: float) -> float:
@@ -37,7 +39,9 @@ class ExpiryMonitor:
     SPIRE rotates at half the lifetime by default, so an SVID still in use at
     ``fraction`` (0.8) of its life means rotation is stuck: that is logged as a warning and
     counted (``warnings``), once per certificate and owner. At the SVID's ``not_after`` the
-    owner's ``on_expiry`` is called so it can stop serving it.
+    owner's ``on_expiry`` is called so it can stop serving it. An owner holding back an
+    SVID that is not valid yet names the moment it becomes valid (``recheck_at``), and its
+    ``on_recheck`` is called then, so it is served without waiting for another message.
     """
 
     def __init__(self, clock: Clock, *, fraction: float = 0.8,
@@ -52,13 +56,17 @@ class ExpiryMonitor:
         self.warnings = 0
 
     def track(self, owner: object, label: str, svids: Mapping[str, VerifiedSvid],
-              on_expiry: Callable[[], None]) -> None:
-        """Replaces ``owner``'s SVIDs (SPIFFE ID -> verified SVID) with ``svids``."""
+              on_expiry: Callable[[], None], *, recheck_at: float | None = None,
+              on_recheck: Callable[[], None] | None = None) -> None:
+        """Replaces ``owner``'s SVIDs (SPIFFE ID -> verified SVID) with ``svids``, and its
+        pending recheck (wall time) with ``recheck_at``."""
         by_fingerprint = {v.fingerprint: v for v in svids.values()}
         previous = self._owners.get(owner)
         warned = previous.warned & set(by_fingerprint) if previous else set()
         expired = previous.expired & set(by_fingerprint) if previous else set()
-        self._owners[owner] = _Tracked(label, by_fingerprint, on_expiry, warned, expired)
+        self._owners[owner] = _Tracked(label, by_fingerprint, on_expiry, warned, expired,
+                                       recheck_at if on_recheck is not None else None,
+                                       on_recheck)
         self._wakeup.set()
 
     def forget(self, owner: object) -> None:
@@ -84,6 +92,10 @@ class ExpiryMonitor:
                     due_expiry = True
             if due_expiry:
                 tracked.on_expiry()
+            if tracked.recheck_at is not None and now >= tracked.recheck_at:
+                tracked.recheck_at = None
+                if tracked.on_recheck is not None:
+                    tracked.on_recheck()
 
     def next_due(self) -> float | None:
         """Wall time of the next warning or expiry, or None."""
@@ -95,6 +107,8 @@ class ExpiryMonitor:
                 if fingerprint not in tracked.expired:
                     # Strictly after not_after: the SVID is still valid at not_after itself.
                     times.append(svid.not_after.timestamp() + 0.001)
+            if tracked.recheck_at is not None:
+                times.append(tracked.recheck_at)
         return min(times) if times else None
 
     async def run(self) -> None:

@@ -28,7 +28,10 @@ class Feed:
                  stats: CacheStats, on_change: Callable[[Feed], None],
                  bundles: TrustBundles | None, logger: logging.Logger) -> None:
         self.key = key
-        self._gate = SvidGate(clock=lambda: utc_now(clock), label=str(key), logger=logger)
+        # The cache reports a bundle that no longer verifies the SVIDs in use, once for
+        # every entry (it keeps the CA they need): the gates only note it at debug level.
+        self._gate = SvidGate(clock=lambda: utc_now(clock), label=str(key), logger=logger,
+                              unchained_level=logging.DEBUG)
         self._monitor = monitor
         self._stats = stats
         self._on_change = on_change
@@ -53,6 +56,10 @@ class Feed:
         """Re-evaluates what may be served now (drops SVIDs that have expired)."""
         self._settle(self._gate.accepted())
 
+    def recheck(self) -> None:
+        """Validates held-back SVIDs again (one that was not valid yet may be now)."""
+        self._settle(self._gate.recheck())
+
     def close(self) -> None:
         self._monitor.forget(self)
 
@@ -73,7 +80,11 @@ class Feed:
             self.known = True
         self.accepted = accepted
         self._count_rotations()
-        self._monitor.track(self, str(self.key), self._gate.in_use, self.refresh)
+        recheck = self._gate.next_recheck()
+        # A hair after not_before: validation takes "now < not_before" as not valid yet.
+        self._monitor.track(self, str(self.key), self._gate.in_use, self.refresh,
+                            recheck_at=recheck.timestamp() + 0.001 if recheck else None,
+                            on_recheck=self.recheck)
         if self.known:
             self._on_change(self)
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
+
+from cryptography import x509
 
 from agent.attest.procfs import ProcessGone, ProcessIdentity
 from agent.attest.verifier import VerifiedUpdate
@@ -23,9 +27,9 @@ from agent.cache.keys import CompositeId, Identity, KeyMode, WorkloadKey
 from agent.cache.sources import SvidSource, VerifiedStream
 from agent.cache.stats import CacheStats
 from agent.cache.watch import Bundles, StatePublisher, Watch
-from agent.clock import Clock, SystemClock
+from agent.clock import Clock, SystemClock, utc_now
 from agent.errors import SpireError
-from agent.model import X509Bundles, trust_domain_key
+from agent.model import X509Bundles, X509Svid, trust_domain_key
 from agent.spire.validation import TrustBundles, VerifiedSvid
 
 __all__ = ["CacheSettings", "GroupStatus", "SvidCache", "WorkloadStatus"]
@@ -123,8 +127,12 @@ class SvidCache:
         self._versions = itertools.count(1)
         self._views: dict[WorkloadKey, _View] = {}
         self._groups: dict[Identity, IdentityGroup] = {}
+        # What SPIRE sent last (new SVIDs are checked against it), and what is served:
+        # the same, plus any CA SPIRE dropped while SVIDs in use still chain to it.
+        self._received: X509Bundles | None = None
         self._bundles: X509Bundles | None = None
         self._trust: TrustBundles | None = None
+        self._retained: dict[str, tuple[bytes, ...]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
@@ -277,6 +285,10 @@ class SvidCache:
         self._log.debug("closed cache entry %s", view.key)
 
     def _feed_changed(self, feed: Feed) -> None:
+        if self._retained and self._refresh_served_bundles():
+            for view in list(self._views.values()):
+                self._publish(view)  # a kept CA went: everyone's bundles changed
+            return
         for view in list(self._views.values()):
             if view.feed is feed:
                 self._publish(view)
@@ -463,12 +475,101 @@ class SvidCache:
             await self._clock.sleep(self.settings.retry_interval)
 
     def _set_bundles(self, bundles: X509Bundles) -> None:
-        self._bundles = bundles
+        self._received = bundles
         self._trust = TrustBundles.parse(bundles)
-        feeds = [view.own for view in self._views.values()]
-        feeds += [group.feed for group in self._groups.values()]
-        for feed in feeds:
+        for feed in self._feeds():
             feed.apply_bundles(self._trust)
+        self._refresh_served_bundles()
         for view in list(self._views.values()):
             self._publish(view)
         self._bundles_seen.set()
+
+    def _feeds(self) -> list[Feed]:
+        feeds = [view.own for view in self._views.values()]
+        feeds += [group.feed for group in self._groups.values()]
+        return feeds
+
+    def _refresh_served_bundles(self) -> bool:
+        """Sets the bundles to serve: SPIRE's, plus every CA it dropped that still signs an
+        SVID being served, so that what a workload is told to trust always verifies the
+        certificates it presents (a peer holding the same SVIDs would otherwise be refused).
+        Such a CA goes once no SVID in use needs it. Returns whether anything changed."""
+        received = self._received
+        if received is None:
+            return False
+        previous = self._bundles.bundles if self._bundles is not None else {}
+        in_use: list[VerifiedSvid] | None = None
+        now = utc_now(self._clock)
+        retained: dict[str, tuple[bytes, ...]] = {}
+        for td, certs in previous.items():
+            dropped = [der for der in certs if der not in received.bundles.get(td, ())]
+            if not dropped:
+                continue
+            if in_use is None:
+                in_use = [v for feed in self._feeds() for v in feed.serving().values()]
+            svids = [v for v in in_use if trust_domain_key(v.svid.trust_domain) == td
+                     and v.not_after >= now]
+            kept = tuple(der for der in dropped if _signs_any(der, svids, now))
+            if kept:
+                retained[td] = kept
+        served = {td: tuple(certs) for td, certs in received.bundles.items()}
+        for td, kept in retained.items():
+            served[td] = (*served.get(td, ()), *kept)
+        self._report_retained(retained, in_use or [])
+        self._retained = retained
+        changed = self._bundles is None or self._bundles.bundles != served
+        self._bundles = X509Bundles(bundles=served)
+        return changed
+
+    def _report_retained(self, retained: dict[str, tuple[bytes, ...]],
+                         in_use: list[VerifiedSvid]) -> None:
+        now = utc_now(self._clock)
+        for td, kept in retained.items():
+            for der in kept:
+                if der in self._retained.get(td, ()):
+                    continue
+                ids = sorted({v.svid.spiffe_id for v in in_use
+                              if trust_domain_key(v.svid.trust_domain) == td
+                              and _signs_any(der, [v], now)})
+                self._log.warning(
+                    "the X.509 bundle from SPIRE for %s no longer holds CA %s, which signed "
+                    "X.509-SVIDs still being served (%s); that CA stays in the bundles served "
+                    "to workloads until those SVIDs are replaced or expire, so that their "
+                    "peers keep trusting them. SPIRE normally re-issues them soon; if not, "
+                    "check the SPIRE agent's SVID rotation", td, _describe_ca(der),
+                    ", ".join(ids) or "none")
+        for td, was in self._retained.items():
+            for der in was:
+                if der not in retained.get(td, ()):
+                    self._log.info("no X.509-SVID in use chains to CA %s of %s any longer; "
+                                   "dropped from the bundles served, as SPIRE asked",
+                                   _describe_ca(der), td)
+
+
+def _signs_any(ca_der: bytes, svids: list[VerifiedSvid], now: datetime) -> bool:
+    """Whether the CA certificate issued the top certificate of any of ``svids``' chains
+    (its name and signature; an expired CA signs nothing usable)."""
+    try:
+        ca = x509.load_der_x509_certificate(ca_der)
+    except ValueError:
+        return False
+    if ca.not_valid_after_utc < now:
+        return False
+    return any(_issued_by(verified.svid, ca) for verified in svids)
+
+
+def _issued_by(svid: X509Svid, ca: x509.Certificate) -> bool:
+    try:
+        top = x509.load_der_x509_certificate(svid.cert_chain[-1])
+        top.verify_directly_issued_by(ca)
+    except Exception:  # wrong issuer name, signature or key type: not this CA's
+        return False
+    return True
+
+
+def _describe_ca(der: bytes) -> str:
+    try:
+        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        subject = "(unparsable)"
+    return f"{subject!r} (sha256 {hashlib.sha256(der).hexdigest()[:16]})"

@@ -21,9 +21,15 @@ def _split_id(spiffe_id: str) -> tuple[str, str]:
     return td, "/" + path
 
 
+# DER framing (a SEQUENCE of three bytes) around something that is not a certificate.
+MALFORMED_BUNDLE = b"\x30\x03\x02\x01\x00"
+
+
 def corrupt_svid(item: pb.X509SVIDWithKey, mode: str, local: TrustDomainCA,
-                 foreign: TrustDomainCA, now: float) -> pb.X509SVIDWithKey:
-    """A copy of ``item`` broken in the way ``mode`` names (see faults.CORRUPT_MODES)."""
+                 foreign: TrustDomainCA, now: float,
+                 valid_in: float | None = None) -> pb.X509SVIDWithKey:
+    """A copy of ``item`` broken in the way ``mode`` names (see faults.CORRUPT_MODES);
+    ``valid_in``: seconds until a not_yet_valid certificate becomes valid (default 1 h)."""
     svid = item.x509_svid
     spiffe_id = f"spiffe://{svid.id.trust_domain}{svid.id.path}"
     key = serialization.load_der_private_key(item.x509_svid_key, password=None)
@@ -44,8 +50,9 @@ def corrupt_svid(item: pb.X509SVIDWithKey, mode: str, local: TrustDomainCA,
         chain = [leaf(local, spiffe_id, now - 2 * _HOUR, now - _HOUR)]
         expires_at = int(now - _HOUR)
     elif mode == "not_yet_valid":
-        chain = [leaf(local, spiffe_id, now + _HOUR, now + 2 * _HOUR)]
-        expires_at = int(now + 2 * _HOUR)
+        starts = now + (valid_in if valid_in is not None else _HOUR)
+        chain = [leaf(local, spiffe_id, starts, starts + _HOUR)]
+        expires_at = int(starts + _HOUR)
     elif mode == "wrong_trust_domain":
         _, path = _split_id(spiffe_id)
         chain = [leaf(foreign, f"spiffe://{foreign.trust_domain}{path}", now - 10, now + _HOUR)]

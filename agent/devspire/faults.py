@@ -11,7 +11,9 @@ counters included)::
       "inject": [{"code": "RESOURCE_EXHAUSTED", "count": 2, "rpcs": ["FetchJWTSVIDs"],
                   "message": "slow down"}],
       "corrupt_x509": {"mode": "expired", "count": 1},
-      "oversize": {"count": 1, "bytes": 5000000, "rpcs": ["SubscribeToX509Bundles"]}
+      "oversize": {"count": 1, "bytes": 5000000, "rpcs": ["SubscribeToX509Bundles"]},
+      "drop_ca_from_bundle": "active",
+      "malformed_bundle": "spiffe://partner.example"
     }
 
 - ``delays``: seconds to wait before handling each call of that RPC ("*" = every RPC).
@@ -21,7 +23,16 @@ counters included)::
   anything else happens (``count`` -1 = until cleared).
 - ``corrupt_x509``: the next ``count`` SubscribeToX509SVIDs responses that carry SVIDs carry
   broken ones. Modes: malformed, expired, not_yet_valid, wrong_trust_domain, key_mismatch,
-  wrong_san.
+  wrong_san. An SVID is broken the same way every time it is re-sent (as SPIRE re-sends the
+  same bytes), so a retry is visibly the same certificate. ``valid_in`` (not_yet_valid only,
+  default 3600): seconds until the broken certificate becomes valid.
+- ``drop_ca_from_bundle``: X.509 bundle responses leave out local CAs until cleared: "active"
+  (the one signing now) or a list of CA serials (``TrustDomainCA`` serials, 1 = the first);
+  ``null`` turns it off. SVIDs are still signed as before, so the bundle no longer holds the
+  CA they chain to (what a forced revocation racing a rotation looks like).
+- ``malformed_bundle``: X.509 bundle responses carry a malformed value (DER framing around
+  something that is not a certificate) for that trust domain until cleared; the others are
+  sent as usual.
 - ``oversize``: the next ``count`` responses of ``rpcs`` (default the three streams) are padded
   past ``bytes`` (default 5 MiB): SVID responses repeat their SVIDs (or, when empty, list
   padding trust domains in federates_with); bundle responses gain ``spiffe://padding-N.invalid``
@@ -92,7 +103,10 @@ class Faults:
         self._drop_after: dict[str, int] = {}
         self._inject: list[InjectedStatus] = []
         self._corrupt: _Counted | None = None
+        self._valid_in: float | None = None
         self._oversize: _Counted | None = None
+        self._drop_cas: str | frozenset[int] | None = None
+        self._malformed_bundle: str | None = None
         self.drop_epoch = 0
         self._listeners: set[Callable[[], None]] = set()
 
@@ -102,7 +116,11 @@ class Faults:
         self._drop_after.clear()
         self._inject.clear()
         self._corrupt = None
+        self._valid_in = None
         self._oversize = None
+        self._drop_cas = None
+        self._malformed_bundle = None
+        self._wake_streams()
 
     def set_delay(self, rpc: str, seconds: float) -> None:
         """``rpc`` "*" delays every RPC; 0 removes the delay."""
@@ -135,10 +153,36 @@ class Faults:
         self._inject.append(InjectedStatus(code, count, _rpc_set(rpcs),
                                            message or f"dev-spire injected fault: {code.name}"))
 
-    def corrupt_x509(self, mode: str, count: int = 1) -> None:
+    def corrupt_x509(self, mode: str, count: int = 1, valid_in: float | None = None) -> None:
+        """``valid_in``: for not_yet_valid, seconds until the certificate becomes valid."""
         if mode not in CORRUPT_MODES:
             raise ValueError(f"unknown corruption mode {mode!r}; use {', '.join(CORRUPT_MODES)}")
+        if valid_in is not None and (mode != "not_yet_valid" or valid_in <= 0):
+            raise ValueError("valid_in is a positive number of seconds, for not_yet_valid only")
         self._corrupt = _Counted(count, mode)
+        self._valid_in = valid_in
+
+    def drop_ca_from_bundle(self, which: str | Iterable[int] | None) -> None:
+        """X.509 bundles leave out the local CA "active" (the one signing now) or the CAs
+        with these serials; None: bundles are whole again. Open bundle streams re-send."""
+        if which is None or which == "active":
+            self._drop_cas = which
+        elif isinstance(which, str):
+            raise ValueError(f"drop_ca_from_bundle: {which!r}; use \"active\" or CA serials")
+        else:
+            serials = frozenset(which)
+            if not serials or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                  for n in serials):
+                raise ValueError("drop_ca_from_bundle: CA serials are whole numbers >= 1")
+            self._drop_cas = serials
+        self._wake_streams()
+
+    def malformed_bundle(self, trust_domain: str | None) -> None:
+        """X.509 bundles carry a malformed value for ``trust_domain`` (None: off)."""
+        if trust_domain is not None and not trust_domain.removeprefix("spiffe://"):
+            raise ValueError("malformed_bundle: name a trust domain")
+        self._malformed_bundle = trust_domain
+        self._wake_streams()
 
     def oversize(self, count: int = 1, size: int = DEFAULT_OVERSIZE,
                  rpcs: Iterable[str] | None = None) -> None:
@@ -162,6 +206,18 @@ class Faults:
     def take_corruption(self) -> str | None:
         corrupt = self._corrupt
         return corrupt.value if _take(corrupt) and corrupt else None
+
+    @property
+    def valid_in(self) -> float | None:
+        return self._valid_in
+
+    @property
+    def dropped_cas(self) -> str | frozenset[int] | None:
+        return self._drop_cas
+
+    @property
+    def malformed_bundle_domain(self) -> str | None:
+        return self._malformed_bundle
 
     def take_oversize(self, rpc: str) -> int | None:
         over = self._oversize
@@ -190,6 +246,8 @@ class Faults:
         self._delays, self._drop_after = staged._delays, staged._drop_after
         self._inject, self._corrupt, self._oversize = (staged._inject, staged._corrupt,
                                                        staged._oversize)
+        self._valid_in = staged._valid_in
+        self._drop_cas, self._malformed_bundle = staged._drop_cas, staged._malformed_bundle
         self._wake_streams()
         if drop_now:
             self.drop_streams_now()
@@ -213,7 +271,7 @@ def _parse_into(faults: Faults, document: object) -> bool:
     if not isinstance(document, Mapping):
         raise ValueError("expected a JSON object")
     unknown = set(document) - {"delays", "drop_after", "drop_now", "inject", "corrupt_x509",
-                               "oversize"}
+                               "oversize", "drop_ca_from_bundle", "malformed_bundle"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}")
     for rpc, seconds in (document.get("delays") or {}).items():
@@ -235,7 +293,17 @@ def _parse_into(faults: Faults, document: object) -> bool:
         faults.inject_status(code, int(item.get("count", 1)), item.get("rpcs"),
                              str(item.get("message", "")))
     if (corrupt := document.get("corrupt_x509")) is not None:
-        faults.corrupt_x509(str(corrupt.get("mode")), int(corrupt.get("count", 1)))
+        valid_in = corrupt.get("valid_in")
+        faults.corrupt_x509(str(corrupt.get("mode")), int(corrupt.get("count", 1)),
+                            float(valid_in) if valid_in is not None else None)
+    if (drop := document.get("drop_ca_from_bundle")) is not None:
+        if not isinstance(drop, str | list):
+            raise ValueError('drop_ca_from_bundle: "active" or a list of CA serials')
+        faults.drop_ca_from_bundle(drop)
+    if (malformed := document.get("malformed_bundle")) is not None:
+        if not isinstance(malformed, str):
+            raise ValueError("malformed_bundle: a trust domain name")
+        faults.malformed_bundle(malformed)
     if (over := document.get("oversize")) is not None:
         faults.oversize(int(over.get("count", 1)), int(over.get("bytes", DEFAULT_OVERSIZE)),
                         over.get("rpcs"))

@@ -17,6 +17,7 @@ from agent.devspire.ca import Clock, TrustDomainCA
 from agent.devspire.cache import IdentityCache, Watcher, WorkloadUpdate
 from agent.devspire.corrupt import (
     FOREIGN_TRUST_DOMAIN,
+    MALFORMED_BUNDLE,
     corrupt_svid,
     pad_svid_response,
     padding_bundles,
@@ -24,7 +25,7 @@ from agent.devspire.corrupt import (
 )
 from agent.devspire.faults import Faults, apply_delay
 from agent.devspire.stats import Stats
-from agent.model import Selector
+from agent.model import Selector, trust_domain_key
 from agent.uds.peercred import PeerCredentials
 
 _LOG = logging.getLogger("spiffe_delegate.devspire")
@@ -86,6 +87,9 @@ class DelegatedIdentityService(pb_grpc.DelegatedIdentityServicer):
         self._stats = stats
         self._clock = clock
         self._foreign: TrustDomainCA | None = None
+        # (leaf DER, mode, valid_in) -> the broken SVID sent for it: a re-send is the same
+        # broken certificate, as SPIRE re-sends the same bytes.
+        self._corrupted: dict[tuple[bytes, str, float | None], pb.X509SVIDWithKey] = {}
 
     # --- shared steps ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -217,14 +221,39 @@ class DelegatedIdentityService(pb_grpc.DelegatedIdentityServicer):
         resp = compose_x509_response(update)
         if resp.x509_svids and (mode := self._faults.take_corruption()) is not None:
             _LOG.info("%s: corrupting %d SVIDs (%s)", rpc, len(resp.x509_svids), mode)
-            broken = [corrupt_svid(item, mode, self.cache.local, self._foreign_ca(), self._clock())
-                      for item in resp.x509_svids]
+            broken = [self._corrupt(item, mode) for item in resp.x509_svids]
             del resp.x509_svids[:]
             resp.x509_svids.extend(broken)
         if (size := self._faults.take_oversize(rpc)) is not None:
             pad_svid_response(resp, size)
         self._stats.responses_sent[rpc] += 1
         return resp
+
+    def _corrupt(self, item: pb.X509SVIDWithKey, mode: str) -> pb.X509SVIDWithKey:
+        valid_in = self._faults.valid_in
+        key = (bytes(item.x509_svid.cert_chain[0]) if item.x509_svid.cert_chain else b"",
+               mode, valid_in)
+        broken = self._corrupted.get(key)
+        if broken is None:
+            if len(self._corrupted) >= 256:
+                self._corrupted.clear()
+            broken = corrupt_svid(item, mode, self.cache.local, self._foreign_ca(),
+                                  self._clock(), valid_in)
+            self._corrupted[key] = broken
+        return broken
+
+    def _x509_bundles(self) -> dict[str, bytes]:
+        """The bundles to send, after the bundle faults."""
+        bundles = self.cache.x509_bundles()
+        dropped = self._faults.dropped_cas
+        if dropped is not None:
+            local = self.cache.local
+            serials = {local.active.serial} if dropped == "active" else dropped
+            bundles[trust_domain_key(local.trust_domain)] = b"".join(
+                a.der for a in local.authorities() if a.serial not in serials)
+        if (malformed := self._faults.malformed_bundle_domain) is not None:
+            bundles[trust_domain_key(malformed)] = MALFORMED_BUNDLE
+        return bundles
 
     async def SubscribeToX509Bundles(self, request: pb.SubscribeToX509BundlesRequest,
                                      context: Context,
@@ -237,7 +266,7 @@ class DelegatedIdentityService(pb_grpc.DelegatedIdentityServicer):
             ca_certs: dict[str, bytes] = {}
             first = True
             async for _ in self._stream(rpc, context, caller, None):
-                merged = {**ca_certs, **self.cache.x509_bundles()}
+                merged = {**ca_certs, **self._x509_bundles()}
                 if not first and merged == ca_certs:
                     continue
                 first, ca_certs = False, merged

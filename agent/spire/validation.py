@@ -255,6 +255,15 @@ def validate_x509_svid(
     )
 
 
+def _valid_from(svid: X509Svid) -> datetime | None:
+    """The moment every certificate of the chain has become valid (None: unparsable)."""
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in svid.cert_chain]
+    except ValueError:
+        return None
+    return max((cert.not_valid_before_utc for cert in chain), default=None)
+
+
 class SvidGate:
     """Lets only verified SVIDs of one subscription through, keeping the last good ones.
 
@@ -278,11 +287,20 @@ class SvidGate:
         clock: Callable[[], datetime] = utc_now,
         label: str = "",
         logger: logging.Logger | None = None,
+        unchained_level: int = logging.WARNING,
+        on_reject: Callable[[str], None] | None = None,
     ) -> None:
+        """``unchained_level``: the level of "the SVID in use no longer verifies against
+        the new bundle" (an owner that reports that episode itself lowers it);
+        ``on_reject(reason)``: called for each rejection as it is counted."""
         self._clock = clock
         self._label = f"[{label}] " if label else ""
         self._log = logger if logger is not None else logging.getLogger("spiffe_delegate.spire")
+        self._unchained_level = unchained_level
+        self._on_reject = on_reject
         self.rejections: Counter[str] = Counter()
+        # spiffe id -> when its held-back, not-yet-valid SVID becomes valid.
+        self._not_before: dict[str, datetime] = {}
         self._bundles: TrustBundles | None = None
         self._order: tuple[str, ...] = ()
         self._federates_with: tuple[str, ...] = ()
@@ -355,6 +373,11 @@ class SvidGate:
             self._check_still_chains(spiffe_id, verified, now)
         return self.accepted()
 
+    def next_recheck(self) -> datetime | None:
+        """When the earliest held-back, not-yet-valid SVID becomes valid (call
+        :meth:`recheck` then), or None when no SVID waits for a moment."""
+        return min(self._not_before.values(), default=None)
+
     def recheck(self) -> X509SvidUpdate:
         """Re-validates held-back SVIDs now (e.g. on a timer, for a not-yet-valid one)."""
         now = _aware(self._clock())
@@ -389,6 +412,7 @@ class SvidGate:
         self._in_use.pop(spiffe_id, None)
         self._candidates.pop(spiffe_id, None)
         self._reported.pop(spiffe_id, None)
+        self._not_before.pop(spiffe_id, None)
         self._unchained = {item for item in self._unchained if item[0] != spiffe_id}
 
     def _consider(self, svid: X509Svid, now: datetime) -> bool:
@@ -396,6 +420,7 @@ class SvidGate:
         spiffe_id = svid.spiffe_id
         fingerprint = _fingerprint(svid)
         current = self._in_use.get(spiffe_id)
+        self._not_before.pop(spiffe_id, None)
         if current is not None and current.svid == svid:
             # SPIRE re-sends unchanged SVIDs (e.g. on any own-bundle change).
             self._candidates.pop(spiffe_id, None)
@@ -419,9 +444,15 @@ class SvidGate:
                 self._candidates[spiffe_id] = svid
             else:
                 self._candidates.pop(spiffe_id, None)
+            if exc.reason == "not_yet_valid":
+                valid_from = _valid_from(svid)
+                if valid_from is not None:
+                    self._not_before[spiffe_id] = valid_from
             if self._reported.get(spiffe_id) != (fingerprint, exc.reason):
                 self._reported[spiffe_id] = (fingerprint, exc.reason)
                 self.rejections[exc.reason] += 1
+                if self._on_reject is not None:
+                    self._on_reject(exc.reason)
                 self._log.warning(
                     "%s%s (reason=%s, cert %s); %s",
                     self._label,
@@ -472,7 +503,8 @@ class SvidGate:
     def _report_unchained(self, key: tuple[str, str], verified: VerifiedSvid, why: str) -> None:
         if key not in self._unchained:
             self._unchained.add(key)
-            self._log.warning(
+            self._log.log(
+                self._unchained_level,
                 "%sbundle update: the X.509-SVID in use for %s (cert %s) no longer "
                 "verifies (%s); still serving it until SPIRE sends a replacement or it "
                 "expires at %s",
