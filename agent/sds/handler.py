@@ -22,7 +22,9 @@ Outcomes, per stream (SotW and delta alike unless said otherwise):
   serves the other names and removes the name if the client held it;
 * ``workload:<pod uid>`` from a caller none of whose SPIFFE IDs is a trusted proxy:
   PERMISSION_DENIED, logged;
-* an unknown type_url: INVALID_ARGUMENT;
+* an unknown type_url, a request that cannot be decoded, or one past the limits
+  (:class:`~agent.sds.limits.SdsLimits`: name length, names per request): INVALID_ARGUMENT
+  saying which;
 * the caller's pinned process has exited: the stream ends (checked before every push);
 * agent shutdown: the stream ends with OK (Envoy reconnects to the next agent).
 
@@ -34,21 +36,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf.message import DecodeError
 
 from agent.attest.procfs import ProcReader
 from agent.cache.keys import WorkloadKey
 from agent.sds.caller import Caller, CallerUnknown, identify_caller
 from agent.sds.delta import DeltaProtocol
+from agent.sds.limits import SdsLimits, quote_name, quote_names
 from agent.sds.names import resource_kind
 from agent.sds.resources import SECRET_TYPE_URL
 from agent.sds.sotw import SotwProtocol
@@ -74,6 +78,13 @@ _STATE = _Event("state changed")
 _END = _Event("client closed")
 _STOP = _Event("agent stopping")
 _CACHE_CLOSED = _Event("cache closed")
+
+
+class _Undecodable:
+    """The client sent bytes that are not a request of this RPC."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -120,11 +131,26 @@ class _Mailbox:
 
 
 def not_authorized_message(names: Mapping[str, str]) -> str:
-    """SPIRE's INVALID_ARGUMENT message (Go's %q of the sorted names), then the reasons."""
-    quoted = " ".join(json.dumps(name) for name in sorted(names))
-    reasons = "; ".join(f"{name}: {why}" for name, why in sorted(names.items()) if why)
-    message = f"workload is not authorized for the requested identities [{quoted}]"
-    return f"{message} ({reasons})" if reasons else message
+    """SPIRE's INVALID_ARGUMENT message (Go's %q of the sorted names), then the reasons.
+
+    Bounded: a handful of names, each quoted and cut (:func:`~agent.sds.limits.quote_names`),
+    so a hostile request can neither blow the status past gRPC's metadata limit nor put
+    control characters into the log."""
+    ordered = sorted(names)
+    message = ("workload is not authorized for the requested identities "
+               f"[{quote_names(ordered, sep=' ')}]")
+    reasons = [(name, names[name]) for name in ordered if names[name]]
+    if not reasons:
+        return message
+    shown = "; ".join(f"{quote_name(name)}: {why}" for name, why in reasons[:3])
+    if len(reasons) > 3:
+        shown += f"; and {len(reasons) - 3} more"
+    return f"{message} ({shown})"
+
+
+def _digest(names: Iterable[str]) -> str:
+    """A short fixed-size key for a set of names (log-once memory stays bounded)."""
+    return hashlib.sha256("\0".join(names).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
@@ -133,9 +159,10 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
     def __init__(self, cache: WatchSource, lookup: Callable[[str], PeerCredentials | None], *,
                  settings: ViewSettings | None = None, reader: ProcReader | None = None,
                  stats: SdsStats | None = None, fetch_timeout: float = 5.0,
-                 observer: SdsObserver | None = None,
+                 observer: SdsObserver | None = None, limits: SdsLimits | None = None,
                  logger: logging.Logger | None = None) -> None:
         self._cache = cache
+        self._limits = limits if limits is not None else SdsLimits()
         self._lookup = lookup
         self._settings = settings if settings is not None else ViewSettings()
         self._reader = reader if reader is not None else ProcReader()
@@ -205,27 +232,46 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                               *, unmet_is_fatal: bool) -> None:
         if resolution.denied:
             names = sorted(resolution.denied)
-            if self._once("denied", caller.key, tuple(names)):
+            if self._once("denied", caller.key, _digest(names)):
                 self._log.warning("SDS caller %s asked for %s but is not a trusted proxy "
-                                  "(%s); refused", caller.describe(), ", ".join(names),
+                                  "(%s); refused", caller.describe(), quote_names(names),
                                   next(iter(resolution.denied.values())))
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
-                               f"the caller may not ask for {', '.join(names)}: it is not "
+                               f"the caller may not ask for {quote_names(names)}: it is not "
                                "a trusted proxy")
         fatal = dict(resolution.invalid)
         if unmet_is_fatal:
             fatal.update(resolution.unmet)
         if fatal:
             message = not_authorized_message(fatal)
-            if self._once("invalid", caller.key, tuple(sorted(fatal))):
+            if self._once("invalid", caller.key, _digest(sorted(fatal))):
                 self._log.warning("SDS caller %s: %s", caller.describe(), message)
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, message)
 
     async def _check_type_url(self, context: Any, type_url: str) -> None:
         if type_url not in ("", SECRET_TYPE_URL):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"unsupported type_url {type_url!r}; this server serves "
-                               f"{SECRET_TYPE_URL}")
+                               f"unsupported type_url {quote_name(type_url)}; this server "
+                               f"serves {SECRET_TYPE_URL}")
+
+    async def _check_names(self, context: Any, caller: Caller, names: Collection[str],
+                           what: str = "in one request") -> None:
+        problem = self._limits.check_names(names, what=what)
+        if problem is not None:
+            self.stats.over_limits += 1
+            if self._once("limits", caller.key):
+                self._log.warning("SDS caller %s: %s", caller.describe(), problem)
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    async def _check_request(self, context: Any, caller: Caller, request: Any) -> None:
+        """What every request on a stream must satisfy before anything is booked."""
+        await self._check_type_url(context, request.type_url)
+        if isinstance(request, discovery_pb2.DeltaDiscoveryRequest):
+            await self._check_names(context, caller, request.resource_names_subscribe)
+            await self._check_names(context, caller, request.resource_names_unsubscribe)
+            await self._check_names(context, caller, request.initial_resource_versions)
+        else:
+            await self._check_names(context, caller, request.resource_names)
 
     def _check_alive(self, caller: Caller) -> None:
         if caller.exited():
@@ -244,14 +290,15 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         """Counts an ACK or a NACK (and logs the NACK's error_detail, as SPIRE logs any)."""
         if nacked:
             self.stats.nacks += 1
-            self.stats.nacks_by_name.update(nacked)
+            self.stats.count_nacks(nacked)
             self.stats.nacks_by_kind.update(self._kinds(nacked))
             self.stats.last_nack_detail = detail
             self._log.error("SDS caller %s rejected %s: %s; it keeps its previous secret and "
                             "this content is not sent again", caller.describe(),
-                            ", ".join(nacked), detail or "(no detail)")
+                            quote_names(nacked), _clip(detail) or "(no detail)")
         elif detail:
-            self._log.error("SDS caller %s reported an error: %s", caller.describe(), detail)
+            self._log.error("SDS caller %s reported an error: %s", caller.describe(),
+                            _clip(detail))
         elif acked:
             self.stats.acks += 1
             self.stats.acks_by_kind.update(self._kinds(acked))
@@ -269,7 +316,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         view.pushed = True
         self._log.log(logging.INFO if first else logging.DEBUG,
                       "SDS %s %s to %s (%s), version %s",
-                      "serving" if first else "pushing", ", ".join(resolution.secrets),
+                      "serving" if first else "pushing", quote_names(resolution.secrets),
                       caller.describe(), ", ".join(state.spiffe_ids) if state else "?",
                       version)
 
@@ -320,6 +367,9 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                 mailbox.post(request)
         except asyncio.CancelledError:
             raise
+        except DecodeError as exc:  # gRPC's deserializer: not a request of this RPC
+            mailbox.post(_Undecodable(str(exc)))
+            return
         except Exception as exc:  # the connection broke: the stream is over either way
             _LOG.debug("SDS request stream ended: %s", exc)
         mailbox.post(_END)
@@ -329,7 +379,27 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         if event is _CACHE_CLOSED:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
                                "the agent is shutting down")
+        if isinstance(event, _Undecodable):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the request could not be decoded ({_clip(event.error)}); "
+                               "send an envoy.service.discovery.v3 DiscoveryRequest "
+                               "(DeltaDiscoveryRequest for DeltaSecrets)")
         return event
+
+    async def _take(self, context: Any, caller: Caller, mailbox: _Mailbox,
+                    protocol: SotwProtocol | DeltaProtocol) -> tuple[Any, Any]:
+        """The stream's next event: ``(_END or _STOP, None)`` to end it, ``(_STATE,
+        None)`` for a state change, or a checked request and the protocol's outcome for it
+        (its ACK or NACK already booked). Refusals abort the call."""
+        event = await self._next_event(mailbox, context)
+        if event is _END or event is _STOP or event is _STATE:
+            return event, None
+        request: Any = event
+        await self._check_request(context, caller, request)
+        outcome = protocol.on_request(request)
+        self._answered(caller, outcome.acked, outcome.nacked, outcome.error_detail,
+                       outcome.sent_at)
+        return request, outcome
 
     # --- StreamSecrets ------------------------------------------------------------------
 
@@ -344,19 +414,15 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
             if self._draining:
                 return
             while True:
-                event = await self._next_event(mailbox, context)
+                event, outcome = await self._take(context, caller, mailbox, protocol)
                 if event is _END or event is _STOP:
                     return
-                if event is not _STATE:
-                    request: Any = event
-                    await self._check_type_url(context, request.type_url)
-                    outcome = protocol.on_request(request)
-                    self._answered(caller, outcome.acked, outcome.nacked,
-                                   outcome.error_detail, outcome.sent_at)
+                if outcome is not None:
                     if outcome.stale:
                         self.stats.stale_nonces += 1
-                        self._log.debug("SDS caller %s: stale nonce %r ignored",
-                                        caller.describe(), request.response_nonce)
+                        self._log.debug("SDS caller %s: stale nonce %s ignored",
+                                        caller.describe(),
+                                        quote_name(event.response_nonce))
                         continue
                     if not outcome.names_changed:
                         continue
@@ -395,20 +461,15 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
             if self._draining:
                 return
             while True:
-                event = await self._next_event(mailbox, context)
+                event, outcome = await self._take(context, caller, mailbox, protocol)
                 if event is _END or event is _STOP:
                     return
-                if event is not _STATE:
-                    request: Any = event
-                    await self._check_type_url(context, request.type_url)
-                    outcome = protocol.on_request(request)
-                    self._answered(caller, outcome.acked, outcome.nacked,
-                                   outcome.error_detail, outcome.sent_at)
-                    if outcome.unknown_nonce:
-                        self.stats.stale_nonces += 1
+                if outcome is not None and outcome.unknown_nonce:
+                    self.stats.stale_nonces += 1
                 requested = protocol.requested()
                 if requested is None:
                     continue
+                await self._check_names(context, caller, requested, what="subscribed at once")
                 self._check_alive(caller)
                 resolution = view.resolve(requested, protocol.node)
                 await self._check_refusals(context, caller, resolution, unmet_is_fatal=False)
@@ -416,7 +477,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                     if (name, why) not in reported:
                         reported.add((name, why))
                         self._log.warning("SDS caller %s: cannot serve %s: %s",
-                                          caller.describe(), name, why)
+                                          caller.describe(), quote_name(name), why)
                 settled = not resolution.waiting and not resolution.unissued
                 response = protocol.build(resolution.version, resolution.secrets,
                                           gone=sorted(resolution.unmet), settled=settled,
@@ -442,6 +503,11 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         self.stats.fetches += 1
         await self._check_type_url(context, request.type_url)
         caller = await self._identify(context, "FetchSecrets")
+        try:
+            await self._check_names(context, caller, request.resource_names)
+        except BaseException:
+            caller.close()
+            raise
         mailbox = _Mailbox()
         view = await self._open(context, caller, mailbox, "FetchSecrets")
         loop = asyncio.get_running_loop()
@@ -467,8 +533,10 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                     self.stats.resources_sent += len(response.resources)
                     return response
                 try:
-                    event = await asyncio.wait_for(mailbox.get(),
-                                                   max(deadline - loop.time(), 0.0))
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                    # cancellation that races the mailbox's completion.
+                    async with asyncio.timeout_at(deadline):
+                        event = await mailbox.get()
                 except TimeoutError:
                     await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
                                        "timed out: " + "; ".join(
@@ -478,3 +546,9 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                                        "the agent is shutting down")
         finally:
             await self._close(view, mailbox, None)
+
+
+def _clip(text: str, limit: int = 512) -> str:
+    """A client-supplied text (an error_detail, a decoder error) fit for one log line."""
+    flat = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return flat if len(flat) <= limit else flat[:limit] + f"... ({len(text)} characters)"

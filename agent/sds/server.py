@@ -28,6 +28,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from agent.attest.procfs import ProcReader
 from agent.errors import ConfigError
 from agent.sds.handler import SdsHandler
+from agent.sds.limits import SdsLimits
 from agent.sds.stats import SdsObserver, SdsStats
 from agent.sds.view import ViewSettings, WatchSource
 from agent.uds.relay import PeerCredentialRelay
@@ -51,7 +52,8 @@ def resolve_group(text: str) -> int:
 @dataclass(frozen=True)
 class SdsSettings:
     """``fetch_timeout``: how long FetchSecrets waits for a caller still being attested.
-    ``max_message_bytes``: the largest request accepted (responses are not limited)."""
+    ``max_message_bytes``: the largest request accepted (responses are not limited).
+    ``limits``: what one client may ask (:class:`~agent.sds.limits.SdsLimits`)."""
 
     socket_path: Path
     socket_mode: int = 0o666
@@ -59,6 +61,7 @@ class SdsSettings:
     view: ViewSettings = field(default_factory=ViewSettings)
     fetch_timeout: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
+    limits: SdsLimits = field(default_factory=SdsLimits)
 
 
 class SdsServer:
@@ -70,12 +73,15 @@ class SdsServer:
                  logger: logging.Logger | None = None) -> None:
         self.settings = settings
         self._log = logger if logger is not None else _LOG
+        limits = settings.limits
         self._relay = PeerCredentialRelay(settings.socket_path, mode=settings.socket_mode,
-                                          group=settings.socket_group)
+                                          group=settings.socket_group,
+                                          max_connections=limits.max_connections,
+                                          handshake_timeout=limits.handshake_timeout)
         self.handler = SdsHandler(cache, self._relay.lookup, settings=settings.view,
                                   reader=reader, stats=stats,
                                   fetch_timeout=settings.fetch_timeout, observer=observer,
-                                  logger=self._log)
+                                  limits=limits, logger=self._log)
         self._server: grpc.aio.Server | None = None
         self._started = False
         self._stopped = False
@@ -90,7 +96,20 @@ class SdsServer:
 
     @property
     def connections(self) -> int:
+        """Connections that reached gRPC (past the HTTP/2 preface) and are open now."""
         return self._relay.connections
+
+    @property
+    def accepted_connections(self) -> int:
+        """Every open connection on the socket, those still owing their preface included."""
+        return self._relay.accepted
+
+    @property
+    def rejected_connections(self) -> dict[str, int]:
+        """Connections closed before reaching gRPC, by kind
+        (:data:`agent.uds.relay.REJECTIONS`: http1, tls, not_http2, handshake_timeout,
+        too_many_connections)."""
+        return dict(self._relay.rejected)
 
     @property
     def listening(self) -> bool:
@@ -102,8 +121,12 @@ class SdsServer:
         on the path) or ConfigError (something that is not a socket is in the way)."""
         if self._started:
             return
+        limits = self.settings.limits
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+            # A connection with no call open (an Envoy always has its streams) is closed.
+            ("grpc.max_connection_idle_ms", max(int(limits.idle_timeout * 1000), 1)),
         ])
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self.handler, server)
         server.add_insecure_port(self._relay.inner_target)
@@ -132,8 +155,11 @@ class SdsServer:
         self.handler.drain()
         server, self._server = self._server, None
         if server is not None:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that races completion.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.handler.wait_idle(), _left(deadline))
+                async with asyncio.timeout(_left(deadline)):
+                    await self.handler.wait_idle()
             await server.stop(_left(deadline))
             # Let the relay carry the last frames (trailers, GOAWAY) out before it closes;
             # the relay has no event for "every connection is closed", so poll it briefly.

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["NoopSdsObserver", "SdsObserver", "SdsStats"]
+__all__ = ["NACK_NAMES_KEPT", "OTHER_NAMES", "NoopSdsObserver", "SdsObserver", "SdsStats"]
+
+NACK_NAMES_KEPT = 256
+"""How many distinct names ``nacks_by_name`` keeps; NACKs of any further name are counted
+under ``OTHER_NAMES`` (names come from clients: ``workload:<pod uid>`` alone is unbounded)."""
+OTHER_NAMES = "(other names)"
 
 
 class SdsObserver(Protocol):
@@ -28,7 +34,9 @@ class NoopSdsObserver:
 class SdsStats:
     """``streams_active`` is a gauge; everything else counts up.
 
-    ``nacks_by_name`` counts NACKs per resource name; ``refused`` counts calls ended with an
+    ``nacks_by_name`` counts NACKs per resource name, for at most ``NACK_NAMES_KEPT`` names
+    (then under ``OTHER_NAMES``; use :meth:`count_nacks`); ``over_limits`` counts requests
+    refused by :class:`~agent.sds.limits.SdsLimits`; ``refused`` counts calls ended with an
     error, by gRPC status code name; ``last_nack_detail`` is the newest NACK's
     ``error_detail.message`` (what Envoy said was wrong). ``pushes_by_kind``,
     ``acks_by_kind`` and ``nacks_by_kind`` count resources pushed on streams (a delta
@@ -54,3 +62,12 @@ class SdsStats:
     pushes_by_kind: Counter[str] = field(default_factory=Counter)
     acks_by_kind: Counter[str] = field(default_factory=Counter)
     nacks_by_kind: Counter[str] = field(default_factory=Counter)
+    over_limits: int = 0
+
+    def count_nacks(self, names: Iterable[str]) -> None:
+        """Books one NACK of each of ``names`` in ``nacks_by_name``, within its bound."""
+        for name in names:
+            if name in self.nacks_by_name or len(self.nacks_by_name) < NACK_NAMES_KEPT:
+                self.nacks_by_name[name] += 1
+            else:
+                self.nacks_by_name[OTHER_NAMES] += 1

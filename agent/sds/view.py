@@ -30,6 +30,7 @@ EVERYTHING = "*"
 """The key under which an empty request (all resources) waits in ``Resolution.waiting``."""
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_REPORTED_KEPT = 4096
 _BUNDLE_KINDS = frozenset({NameKind.LOCAL_BUNDLE, NameKind.ALL_BUNDLES, NameKind.TRUST_DOMAIN})
 
 
@@ -87,6 +88,8 @@ class NoIdentityLog:
     def report(self, caller: Caller) -> bool:
         if caller.key in self._reported:
             return False
+        if len(self._reported) >= _REPORTED_KEPT:  # keys of long-gone callers: start over
+            self._reported.clear()
         self._reported.add(caller.key)
         self._log.warning("SDS caller %s has no identity from SPIRE (no registration entry "
                           "matches it); its requests wait until one does", caller.describe())
