@@ -11,10 +11,12 @@ SDS streams end cleanly, the socket file is removed, and the process exits withi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,12 +71,13 @@ class OwnIdentityFollower:
     def __init__(self, client: DelegatedIdentityClient, pid: int, *,
                  on_trust_domain: Callable[[str], None] | None = None,
                  on_identity: Callable[[X509SvidUpdate, X509Bundles | None], None] | None
-                 = None) -> None:
+                 = None, on_reject: Callable[[str], None] | None = None) -> None:
         self._client = client
         self._pid = pid
         self._on_trust_domain = on_trust_domain
         self._on_identity = on_identity
-        self.gate = SvidGate(label="spiffe-delegate's own identity")
+        # on_reject: own SVIDs refused count in svids_rejected_total like workloads' do.
+        self.gate = SvidGate(label="spiffe-delegate's own identity", on_reject=on_reject)
         self.changed = asyncio.Event()
         self._in_use: tuple[bytes, ...] = ()
         self._bundles: X509Bundles | None = None
@@ -174,7 +177,8 @@ class Agent:
         spire_rpc, sds_acks = SpireRpcMetrics(), SdsAckMetrics()  # hooks for self.metrics
         self.client = DelegatedIdentityClient(
             str(settings.spire_admin_socket), backoff=policy,
-            max_receive_message_bytes=settings.spire_max_message_bytes, observer=spire_rpc)
+            max_receive_message_bytes=settings.spire_max_message_bytes, observer=spire_rpc,
+            first_message_warning=settings.spire_slow_answer_warning)
         self.source = SpireSource(self.client, self._reader, clock=self._clock)
         self.cache = SvidCache(self.source, clock=self._clock, settings=CacheSettings(
             key_mode=KeyMode(settings.cache_key), trust_domain=settings.trust_domain))
@@ -182,7 +186,8 @@ class Agent:
             socket_path=settings.sds_socket, socket_mode=settings.sds_socket_mode,
             socket_group=settings.sds_socket_group,
             view=ViewSettings(names=settings.sds_names, trust_domain=settings.trust_domain,
-                              trusted_proxies=frozenset(settings.trusted_proxies))),
+                              trusted_proxies=frozenset(settings.trusted_proxies)),
+            limits=settings.sds_limits),
             self.cache, reader=self._reader, observer=sds_acks)
         # Every metric of this agent registers here (never prometheus_client's global
         # REGISTRY): agent/metrics fills it, the metrics endpoint serves it.
@@ -192,6 +197,7 @@ class Agent:
                                     clock=self._clock, spire_rpc=spire_rpc, sds_acks=sds_acks)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._hurry = asyncio.Event()
         # The agent's warnings and errors while it runs, for /status.
         self.recent_errors = RecentErrors()
         self._log_root = logging.getLogger("spiffe_delegate")
@@ -229,7 +235,8 @@ class Agent:
         if self._follow_own:
             follower = OwnIdentityFollower(self.client, os.getpid(),
                                            on_trust_domain=self.cache.learn_trust_domain,
-                                           on_identity=endpoints.own_identity_changed)
+                                           on_identity=endpoints.own_identity_changed,
+                                           on_reject=self.cache.count_rejection)
             retry = self.settings.reconnect.maximum
             self._tasks = [
                 asyncio.create_task(_keep_following("own X.509-SVIDs", follower.follow_svids,
@@ -270,28 +277,78 @@ class Agent:
         await _first_of(stop, self._tasks)
         self._tasks = []
 
+    def hurry(self) -> None:
+        """Ends a drain in progress now (the CLI's second SIGTERM or SIGINT): SDS calls
+        still open are cancelled; the socket file is still removed."""
+        self._hurry.set()
+
     async def close(self) -> None:
         """SDS drained first (streams end cleanly, socket removed), then the cache and the
-        SPIRE connection; bounded by ``shutdown_grace`` as a whole."""
+        SPIRE connection; bounded by ``shutdown_grace`` as a whole, or cut short by
+        :meth:`hurry`. Logs whether every SDS call ended cleanly or how many were cut."""
         if self._closed:
             return
         self._closed = True
-        deadline = time.monotonic() + self.settings.shutdown_grace
+        started = time.monotonic()
+        grace = self.settings.shutdown_grace
+        deadline = started + grace
+        calls = len(self.sds.handler.open_calls())
+        _LOG.info("shutting down: draining %d SDS call(s) within %gs", calls, grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.endpoints is not None:
             await self.endpoints.close()
         # Leave a share of the grace for the cache and the client behind SDS.
-        await self.sds.stop(grace=self.settings.shutdown_grace * 0.8)
+        sds_deadline = started + grace * 0.8
+        cut = await self._drain_sds(max(sds_deadline - time.monotonic(), 0.0))
+        if cut is None:
+            _LOG.info("drained: every SDS stream ended cleanly (%d call(s) in %.2fs)",
+                      calls, time.monotonic() - started)
+        elif self._hurry.is_set():
+            _LOG.warning("drain cut short by a second signal: %d SDS call(s) cancelled", cut)
+        else:
+            _LOG.warning("%d SDS call(s) did not end within the shutdown grace (%gs); "
+                         "cancelled them", cut, grace)
         for name, closing in (("cache", self.cache.close), ("SPIRE client", self.client.close)):
+            left = max(deadline - time.monotonic(), 0.1)
             try:
-                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                async with asyncio.timeout(0.1 if self._hurry.is_set() else left):
                     await closing()
             except TimeoutError:
                 _LOG.warning("the %s did not close within the shutdown grace", name)
-        _LOG.info("stopped")
+        _LOG.info("stopped (%.2fs after the shutdown began)", time.monotonic() - started)
         self._log_root.removeHandler(self.recent_errors)
+
+    async def _drain_sds(self, grace: float) -> int | None:
+        """Stops the SDS server within ``grace`` (sooner on :meth:`hurry`). Returns None
+        when every call ended by itself, else how many were still open when time ran out
+        (or the drain was cut short) and were cancelled."""
+        stopping = asyncio.create_task(self.sds.stop(grace=grace))
+        idle = asyncio.create_task(self.sds.handler.wait_idle())
+        hurry = asyncio.create_task(self._hurry.wait())
+        cut: int | None = None
+        try:
+            await asyncio.wait([idle, hurry, stopping], timeout=grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not idle.done() or hurry.done():
+                cut = len(self.sds.handler.open_calls()) if not idle.done() else None
+            while not stopping.done():
+                await asyncio.wait([stopping, hurry], return_when=asyncio.FIRST_COMPLETED)
+                if hurry.done() and not stopping.done():
+                    if cut is None and not idle.done():
+                        cut = len(self.sds.handler.open_calls())
+                    stopping.cancel()  # SdsServer.stop still removes the socket file
+                    await asyncio.wait([stopping])
+        finally:
+            for task in (idle, hurry):
+                task.cancel()
+            if not stopping.done():  # close() itself was cancelled
+                stopping.cancel()
+            await asyncio.gather(idle, hurry, stopping, return_exceptions=True)
+        if not stopping.cancelled() and stopping.exception() is not None:
+            raise stopping.exception()  # type: ignore[misc]
+        return cut
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -302,9 +359,38 @@ class Agent:
 
 
 async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
+    """The ``run`` command's body. The caller sets ``stop`` on SIGTERM or SIGINT; while
+    the agent then drains, this takes those two signals over so that a second one ends the
+    drain at once (:meth:`Agent.hurry`), and hands them back to ``stop.set`` after."""
     agent = Agent(settings)
     await agent.start()
     try:
         await agent.run(stop)
     finally:
-        await agent.close()
+        with _second_signal_hurries(agent, stop):
+            await agent.close()
+
+
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _second_signal_hurries(agent: Agent, stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+
+    def second(sig: signal.Signals) -> None:
+        _LOG.warning("second signal (%s) during the drain: ending it now", sig.name)
+        agent.hurry()
+
+    installed = []
+    for sig in _SHUTDOWN_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, second, sig)
+        except (RuntimeError, ValueError):  # not the main thread: no signals to take over
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.add_signal_handler(sig, stop.set)

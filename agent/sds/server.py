@@ -154,19 +154,27 @@ class SdsServer:
         deadline = time.monotonic() + max(grace, 0.0)
         self.handler.drain()
         server, self._server = self._server, None
-        if server is not None:
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
-            # cancellation that races completion.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_left(deadline)):
-                    await self.handler.wait_idle()
-            await server.stop(_left(deadline))
-            # Let the relay carry the last frames (trailers, GOAWAY) out before it closes;
-            # the relay has no event for "every connection is closed", so poll it briefly.
-            flush_until = min(deadline, time.monotonic() + 0.5)
-            while self._relay.connections and time.monotonic() < flush_until:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await self._relay.close()
+        try:
+            if server is not None:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                # cancellation that races completion.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_left(deadline)):
+                        await self.handler.wait_idle()
+                await server.stop(_left(deadline))
+                # Let the relay carry the last frames (trailers, GOAWAY) out before it
+                # closes; it has no event for "every connection is closed": poll briefly.
+                flush_until = min(deadline, time.monotonic() + 0.5)
+                while self._relay.connections and time.monotonic() < flush_until:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            # Cut short (the agent's second signal): end every call now; the socket
+            # file still goes (finally).
+            if server is not None:
+                await server.stop(None)
+            raise
+        finally:
+            await self._relay.close()
         self._log.info("SDS server stopped; removed %s", self.settings.socket_path)
 
     async def __aenter__(self) -> SdsServer:
