@@ -3,9 +3,9 @@
 :class:`Agent` wires one DelegatedIdentityClient to a :class:`~agent.cache.SpireSource`
 (which attests and re-verifies every PID), the :class:`~agent.cache.SvidCache` and the
 :class:`~agent.sds.server.SdsServer`; it also follows the agent's own X.509-SVIDs (by its
-own PID), the X.509 bundles and the JWT bundles, and logs what it holds. SIGTERM drains:
-SDS streams end cleanly, the socket file is removed, and the process exits within
-``--shutdown-grace``.
+own PID), the X.509 bundles and the JWT bundles, and logs what it holds. SIGTERM or SIGINT
+drain: SDS streams end cleanly (status OK), the socket file is removed, and the process
+exits within ``--shutdown-grace``; a second signal ends the drain at once.
 """
 
 from __future__ import annotations

@@ -122,9 +122,13 @@ SCENARIOS: tuple[Scenario, ...] = (
        soak=True),
     # --- 6. Graceful shutdown --------------------------------------------------------------
     _S("shutdown.sigterm-drains", "Graceful shutdown", "SIGTERM with streams open",
-       "streams get a clean close, the socket file goes, exit within the deadline"),
+       "every SDS stream (Envoy's, SotW, delta) ends with OK before the exit, the socket "
+       "file goes, status 0 within --shutdown-grace even with a client that never reads; "
+       "SIGINT the same; a second signal ends the drain at once"),
     _S("shutdown.sigkill-restart", "Graceful shutdown", "SIGKILL, then a restart",
-       "Envoy keeps serving its certificate and reconnects"),
+       "Envoy keeps serving mTLS with its certificate, the restarted agent replaces the "
+       "stale socket, Envoy reconnects within its back-off, a rotation reaches it; no "
+       "request fails"),
 )
 
 BY_ID: dict[str, Scenario] = {s.id: s for s in SCENARIOS}
