@@ -26,12 +26,13 @@ class Feed:
 
     def __init__(self, key: CompositeId, *, clock: Clock, monitor: ExpiryMonitor,
                  stats: CacheStats, on_change: Callable[[Feed], None],
-                 bundles: TrustBundles | None, logger: logging.Logger) -> None:
+                 bundles: TrustBundles | None, logger: logging.Logger,
+                 trust_domain: Callable[[], str | None] | None = None) -> None:
         self.key = key
         # The cache reports a bundle that no longer verifies the SVIDs in use, once for
         # every entry (it keeps the CA they need): the gates only note it at debug level.
         self._gate = SvidGate(clock=lambda: utc_now(clock), label=str(key), logger=logger,
-                              unchained_level=logging.DEBUG)
+                              unchained_level=logging.DEBUG, trust_domain=trust_domain)
         self._monitor = monitor
         self._stats = stats
         self._on_change = on_change

@@ -208,6 +208,22 @@ class SvidCache:
         self._stats.expiry_warnings = self._monitor.warnings
         return self._stats
 
+    @property
+    def bundles(self) -> X509Bundles | None:
+        """The X.509 bundles being served: SPIRE's latest, plus any CA it dropped that
+        still signs an SVID in use (None before SPIRE's first bundle message)."""
+        return self._bundles
+
+    @property
+    def received_bundles(self) -> X509Bundles | None:
+        """SPIRE's latest X.509 bundles as received (what new SVIDs are verified with)."""
+        return self._received
+
+    def count_rejection(self, reason: str) -> None:
+        """Counts an SVID refused outside the cache's own gates (the agent's own SVIDs), so
+        ``stats.svids_rejected`` covers every SVID from SPIRE that was never served."""
+        self._stats.svids_rejected[reason] += 1
+
     def workloads(self) -> dict[WorkloadKey, WorkloadStatus]:
         out = {}
         for key, view in self._views.items():
@@ -236,7 +252,8 @@ class SvidCache:
 
     def _new_feed(self, key: CompositeId) -> Feed:
         return Feed(key, clock=self._clock, monitor=self._monitor, stats=self._stats,
-                    on_change=self._feed_changed, bundles=self._trust, logger=self._log)
+                    on_change=self._feed_changed, bundles=self._trust, logger=self._log,
+                    trust_domain=lambda: self.local_trust_domain)
 
     def _open_view(self, key: WorkloadKey, pid: int | None, pidfd: int | None) -> _View:
         own = self._new_feed(key)

@@ -241,6 +241,9 @@ class DelegatedIdentityClient:
         # Streams whose first message is overdue, and whether that was logged.
         self._slow: set[object] = set()
         self._slow_reported = False
+        # Trust domains whose bundle SPIRE sent malformed (logged once for all bundle
+        # subscriptions of this client, until one of them sees a good one).
+        self._refused_bundles: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -339,7 +342,7 @@ class DelegatedIdentityClient:
             "SubscribeToX509Bundles",
             "",
             lambda stub: stub.SubscribeToX509Bundles(request),
-            _BundleFilter(self._path, self._log),
+            _BundleFilter(self._path, self._log, self._refused_bundles),
         )
 
     def subscribe_jwt_bundles(self) -> AsyncIterator[JwtBundles]:
@@ -671,14 +674,15 @@ class _BundleFilter:
 
     A trust domain whose bundle is malformed is refused on its own: the others are applied,
     and it keeps its last good bundle from this subscription (or stays absent if it never
-    had one). Each refusal is logged once, until that trust domain's bundle parses again.
+    had one). Each refusal is logged once (for all the client's bundle subscriptions),
+    until that trust domain's bundle parses again.
     """
 
-    def __init__(self, socket_path: str, log: logging.Logger) -> None:
+    def __init__(self, socket_path: str, log: logging.Logger, refused: set[str]) -> None:
         self._path = socket_path
         self._log = log
         self._good: dict[str, tuple[bytes, ...]] = {}
-        self._refused: set[str] = set()
+        self._refused = refused  # shared by the client's bundle subscriptions
 
     def __call__(self, message: pb.SubscribeToX509BundlesResponse) -> X509Bundles:
         parsed, bad = convert.x509_bundles_by_trust_domain(message)
@@ -701,7 +705,6 @@ class _BundleFilter:
         for key in sorted(self._refused & set(parsed.bundles)):
             self._refused.discard(key)
             self._log.info("the X.509 bundle for %s from SPIRE parses again; applied", key)
-        self._refused &= set(bad)
         self._good = dict(out)
         return X509Bundles(bundles=out)
 

@@ -158,9 +158,17 @@ def _weak_key(key: object) -> str:
 
 
 def validate_x509_svid(
-    svid: X509Svid, bundles: TrustBundles | None, *, now: datetime
+    svid: X509Svid,
+    bundles: TrustBundles | None,
+    *,
+    now: datetime,
+    trust_domain: str | None = None,
 ) -> VerifiedSvid:
     """Checks one SVID; returns it verified or raises SvidRejected / SvidPending.
+
+    ``trust_domain``: the agent's own trust domain, when known; a SPIRE agent issues SVIDs
+    of its own trust domain only, so any other is refused (``wrong_trust_domain``) rather
+    than held back waiting for a bundle of that trust domain.
 
     Order matters only for which reason is reported when several apply: structure first,
     then identity, key, time, and last the chain (the only check that needs a bundle).
@@ -178,6 +186,16 @@ def validate_x509_svid(
         expected_id = spiffe.SpiffeId(svid.spiffe_id)
     except PySpiffeError as exc:
         raise _reject(svid, "malformed", f"id field is not a SPIFFE ID: {exc}") from None
+
+    if trust_domain is not None and (
+        trust_domain_key(expected_id.trust_domain.name) != trust_domain_key(trust_domain)
+    ):
+        raise _reject(
+            svid,
+            "wrong_trust_domain",
+            f"SPIFFE ID is in trust domain {expected_id.trust_domain.name!r}, not the "
+            f"agent's {trust_domain.removeprefix('spiffe://')!r}",
+        )
 
     try:
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -289,15 +307,19 @@ class SvidGate:
         logger: logging.Logger | None = None,
         unchained_level: int = logging.WARNING,
         on_reject: Callable[[str], None] | None = None,
+        trust_domain: Callable[[], str | None] | None = None,
     ) -> None:
         """``unchained_level``: the level of "the SVID in use no longer verifies against
         the new bundle" (an owner that reports that episode itself lowers it);
-        ``on_reject(reason)``: called for each rejection as it is counted."""
+        ``on_reject(reason)``: called for each rejection as it is counted;
+        ``trust_domain()``: the agent's trust domain when known (SVIDs of others are
+        refused)."""
         self._clock = clock
         self._label = f"[{label}] " if label else ""
         self._log = logger if logger is not None else logging.getLogger("spiffe_delegate.spire")
         self._unchained_level = unchained_level
         self._on_reject = on_reject
+        self._trust_domain = trust_domain
         self.rejections: Counter[str] = Counter()
         # spiffe id -> when its held-back, not-yet-valid SVID becomes valid.
         self._not_before: dict[str, datetime] = {}
@@ -431,8 +453,10 @@ class SvidGate:
             if current is not None and current.valid_at(now)
             else "nothing is served for it"
         )
+        trust_domain = self._trust_domain() if self._trust_domain is not None else None
         try:
-            verified = validate_x509_svid(svid, self._bundles, now=now)
+            verified = validate_x509_svid(svid, self._bundles, now=now,
+                                          trust_domain=trust_domain)
         except SvidPending as exc:
             self._candidates[spiffe_id] = svid
             if self._reported.get(spiffe_id) != (fingerprint, "pending"):
