@@ -42,6 +42,22 @@ def clear_stale_socket(path: Path) -> None:
     )
 
 
+def _make_directories(directory: Path) -> None:
+    """Creates ``directory`` and its missing parents mode 0755 whatever the umask (under
+    umask 077 ``mkdir`` alone made them 0700, and Envoys of other users could not reach the
+    socket). Directories that already exist keep their mode: that is the operator's choice."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=0o755)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to change
+        os.chmod(made, 0o755)
+
+
 def bind_unix_listener(path: Path, *, mode: int, group: int | None = None,
                        backlog: int = 512) -> socket.socket:
     """Binds a listening socket at ``path`` with ``mode`` (and group) already applied.
@@ -50,7 +66,7 @@ def bind_unix_listener(path: Path, *, mode: int, group: int | None = None,
     no client ever sees it with looser permissions than asked.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _make_directories(path.parent)
     except OSError as exc:
         raise ConfigError(f"cannot create the socket directory {path.parent}: "
                           f"{exc.strerror or exc}",
