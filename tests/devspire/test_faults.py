@@ -238,3 +238,63 @@ async def test_injected_fault_does_not_block_the_loop(web: Harness) -> None:
     await fetch(web)  # other calls are served meanwhile
     assert not slow.done()
     await slow
+
+
+async def test_a_corrupt_svid_is_resent_byte_for_byte(web: Harness) -> None:
+    web.dev.faults.corrupt_x509("expired", count=-1)
+    first = (await read(web.x509(selectors=("k8s:ns:web",)))).x509_svids[0]
+    again = (await read(web.x509(selectors=("k8s:ns:web",)))).x509_svids[0]
+    assert first == again  # as SPIRE re-sends the same bytes
+    await web.dev.rotate_now()
+    fresh = (await read(web.x509(selectors=("k8s:ns:web",)))).x509_svids[0]
+    assert fresh.x509_svid.cert_chain != first.x509_svid.cert_chain
+
+
+async def test_not_yet_valid_with_valid_in(web: Harness) -> None:
+    web.dev.faults.corrupt_x509("not_yet_valid", valid_in=30)
+    (svid,) = (await read(web.x509(selectors=("k8s:ns:web",)))).x509_svids
+    cert = x509.load_der_x509_certificate(svid.x509_svid.cert_chain[0])
+    assert 25 < cert.not_valid_before_utc.timestamp() - time.time() <= 31
+    with pytest.raises(ValueError, match="valid_in"):
+        web.dev.faults.corrupt_x509("expired", valid_in=3)
+
+
+async def test_drop_ca_from_bundle(web: Harness) -> None:
+    call = web.x509_bundles()
+    (first,) = split_der((await read(call)).ca_certificates[f"spiffe://{TD}"])
+    await web.dev.rotate_ca_now()
+    assert len(split_der((await read(call)).ca_certificates[f"spiffe://{TD}"])) == 2
+    web.dev.faults.drop_ca_from_bundle([1])  # open streams re-send at once
+    assert split_der((await read(call)).ca_certificates[f"spiffe://{TD}"]) == [
+        web.dev.cache.local.active.cert]
+    web.dev.faults.drop_ca_from_bundle("active")
+    assert split_der((await read(call)).ca_certificates[f"spiffe://{TD}"]) == [first]
+    web.dev.faults.drop_ca_from_bundle(None)
+    assert len(split_der((await read(call)).ca_certificates[f"spiffe://{TD}"])) == 2
+    call.cancel()
+
+
+async def test_malformed_bundle_for_one_trust_domain(web: Harness) -> None:
+    call = web.x509_bundles()
+    await read(call)
+    web.dev.faults.malformed_bundle("partner.test")
+    sent = (await read(call)).ca_certificates
+    assert split_der(sent[f"spiffe://{TD}"])
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(sent["spiffe://partner.test"])
+    call.cancel()
+
+
+def test_bundle_faults_in_documents() -> None:
+    faults = Faults()
+    faults.apply_document({"drop_ca_from_bundle": [1, 2], "malformed_bundle": "td.test",
+                           "corrupt_x509": {"mode": "not_yet_valid", "valid_in": 5}})
+    assert faults.dropped_cas == frozenset({1, 2})
+    assert faults.malformed_bundle_domain == "td.test"
+    assert faults.valid_in == 5
+    for bad in ({"drop_ca_from_bundle": "newest"}, {"drop_ca_from_bundle": [0]},
+                {"malformed_bundle": 3}):
+        with pytest.raises(ConfigError):
+            faults.apply_document(bad)
+    faults.apply_document({})
+    assert faults.dropped_cas is None and faults.malformed_bundle_domain is None

@@ -85,7 +85,7 @@ async def test_bad_svids_are_never_pushed_and_the_previous_one_stays(
                              what=f"the agent to reject the {mode} SVID")
             # Reconnects: SPIRE now sends the agent's own SVID broken too (one more
             # rejection), then re-sends both broken SVIDs, byte for byte (retries).
-            for retry in range(3):
+            for retry in range(2):
                 opened = spire_stats.streams_opened["SubscribeToX509SVIDs"]
                 stack.spire.faults.drop_streams_now()
                 await eventually(
@@ -248,7 +248,7 @@ async def test_spire_down_at_start(work_dir: Path, as_user: AsUser,
         agent = await stack.start_agent(follow_own_identity=True)
         envoy = as_user(sds_bootstrap(stack.sds_socket, validation_contexts=["ROOTCA"]), UID_A)
         await envoy.astart()
-        await eventually(lambda: agent.client.status.reconnects >= 20,
+        await eventually(lambda: agent.client.status.reconnects >= 8,
                          what="many retries while SPIRE is away")
         assert await leaf_serials(envoy) == set()
         assert len(messages(caplog, "does not exist (yet)")) == 1
@@ -358,14 +358,14 @@ async def test_spire_restarted_repeatedly(work_dir: Path, as_user: AsUser,
 async def test_slow_spire_answers(work_dir: Path, as_user: AsUser,
                                   caplog: pytest.LogCaptureFixture,
                                   record_property: pytest.RecordProperty) -> None:
-    """Every SPIRE call takes 1.5 s: the first answers (four streams at once) are warned
+    """Every SPIRE call takes 1 s: the first answers (four streams at once) are warned
     about once; Envoy is served; while the streams reconnect slowly it keeps its
     certificate; the next slow episode is warned about again."""
     async with running(work_dir, [envoy_entry()],
-                       spire_slow_answer_warning=0.5) as stack:
+                       spire_slow_answer_warning=0.4) as stack:
         agent = stack.agent
         assert agent is not None
-        stack.spire.faults.set_delay("*", 1.5)
+        stack.spire.faults.set_delay("*", 1.0)
         # The agent's streams opened before the delay: reopen them under it.
         stack.spire.faults.drop_streams_now()
         envoy = await attach_envoy(stack, as_user)
@@ -386,7 +386,7 @@ async def test_slow_spire_answers(work_dir: Path, as_user: AsUser,
         await stack.spire.rotate_now(ID_A)
         await envoy.await_until(lambda e: bool(e.certs().leaves()) and {
             c.serial for c in e.certs().leaves()}.isdisjoint(held), what="a rotation")
-        record_property("delay_s", 1.5)
+        record_property("delay_s", 1.0)
 
 
 @pytest.mark.scenario("spire.resource-exhausted-burst", "spire.unavailable-burst")

@@ -436,3 +436,58 @@ async def test_a_broken_observer_does_not_break_the_client(
     spire.scripts.x509_bundles.append([pb.SubscribeToX509BundlesResponse()])
     async with DelegatedIdentityClient(socket_path, backoff=FAST, observer=Broken()) as client:
         assert await next_item(client.subscribe_x509_bundles()) == X509Bundles({})
+
+
+async def test_a_malformed_trust_domain_is_refused_alone_and_logged_once(
+    spire_server: SpireServer, client: DelegatedIdentityClient, ca: Ca,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="spiffe_delegate.spire")
+    other, rotated = Ca.root("other.org"), Ca.root(name="next root")
+    spire = await spire_server.start()
+    spire.scripts.x509_bundles.append([
+        pb.SubscribeToX509BundlesResponse(ca_certificates={
+            "spiffe://example.org": ca.der, "spiffe://other.org": other.der}),
+        pb.SubscribeToX509BundlesResponse(ca_certificates={
+            "spiffe://example.org": ca.der + rotated.der, "spiffe://other.org": b"junk"}),
+        pb.SubscribeToX509BundlesResponse(ca_certificates={
+            "spiffe://example.org": rotated.der, "spiffe://other.org": b"junk"}),
+        pb.SubscribeToX509BundlesResponse(ca_certificates={
+            "spiffe://example.org": rotated.der, "spiffe://other.org": other.der}),
+    ])
+    bundles = client.subscribe_x509_bundles()
+    await next_item(bundles)
+    second = await next_item(bundles)
+    assert second.bundles == {"spiffe://example.org": (ca.der, rotated.der),
+                              "spiffe://other.org": (other.der,)}  # its last good one
+    third = await next_item(bundles)
+    assert third.bundles["spiffe://example.org"] == (rotated.der,)
+    assert third.bundles["spiffe://other.org"] == (other.der,)
+    await next_item(bundles)
+    refused = [r for r in caplog.records if "malformed X.509 bundle" in r.getMessage()]
+    assert len(refused) == 1 and "spiffe://other.org" in refused[0].getMessage()
+    assert "parses again" in caplog.text
+
+
+async def test_an_outage_is_one_warning_across_streams_and_retries(
+    spire_server: SpireServer, client: DelegatedIdentityClient, ca: Ca,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="spiffe_delegate.spire")
+    spire = await spire_server.start()
+    for _ in range(2):  # two episodes
+        spire.scripts.x509_bundles.extend(
+            [[Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")]] * 4
+            + [[pb.SubscribeToX509BundlesResponse()]])
+        spire.scripts.x509_svids.extend(
+            [[Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")]] * 4
+            + [[x509_response(ca.svid())]])
+        await asyncio.gather(next_item(client.subscribe_x509_bundles()),
+                             next_item(client.subscribe_x509_svids(pid=3)))
+    warnings = [r for r in caplog.records
+                if r.levelno == logging.WARNING and "RESOURCE_EXHAUSTED" in r.getMessage()]
+    # 16 failures; an episode ends when no stream is failing, so a stream that fails only
+    # after the other recovered starts a new one: at most one warning per stream and burst.
+    assert 2 <= len(warnings) <= 4, [w.getMessage() for w in warnings]
+    recovered = [r for r in caplog.records if "every call recovered" in r.getMessage()]
+    assert len(recovered) == len(warnings)

@@ -105,3 +105,17 @@ def test_requests() -> None:
 
 def test_empty_bundles_message() -> None:
     assert convert.x509_bundles_from_proto(pb.SubscribeToX509BundlesResponse()) == X509Bundles({})
+
+
+def test_bundles_by_trust_domain_refuse_only_the_bad_one(ca: Ca) -> None:
+    other = Ca.root("other.org")
+    message = pb.SubscribeToX509BundlesResponse(ca_certificates={
+        "spiffe://example.org": ca.der, "spiffe://other.org": other.der,
+        "spiffe://junk.org": b"junk", "spiffe://notcert.org": b"\x30\x03\x02\x01\x00",
+        "spiffe://empty.org": b""})
+    good, bad = convert.x509_bundles_by_trust_domain(message)
+    assert good.bundles == {"spiffe://example.org": (ca.der,),
+                            "spiffe://other.org": (other.der,)}
+    assert set(bad) == {"spiffe://junk.org", "spiffe://notcert.org", "spiffe://empty.org"}
+    assert "does not parse" in bad["spiffe://notcert.org"]
+    assert bad["spiffe://empty.org"] == "no certificates"

@@ -295,3 +295,43 @@ def test_keys_envoy_would_refuse_are_rejected(ca: Ca, trust: TrustBundles, make_
         validate_x509_svid(svid, trust, now=NOW)
     else:
         assert reason_of(svid, trust) == "weak_key"
+
+
+def test_an_svid_of_another_trust_domain_is_refused_when_ours_is_known(ca: Ca) -> None:
+    foreign = Ca.root("other.org")
+    both = TrustBundles.parse(X509Bundles({**ca.bundles().bundles,
+                                           **foreign.bundles().bundles}))
+    with pytest.raises(SvidRejected) as caught:
+        validate_x509_svid(foreign.svid(), both, now=NOW, trust_domain="example.org")
+    assert caught.value.reason == "wrong_trust_domain"
+    assert "other.org" in str(caught.value)
+    # Unknown trust domain of our own: no opinion (it chains to its bundle).
+    validate_x509_svid(foreign.svid(), both, now=NOW)
+    validate_x509_svid(ca.svid(), both, now=NOW, trust_domain="spiffe://example.org")
+
+
+def test_gate_refuses_foreign_svids_instead_of_holding_them(clock: Clock, ca: Ca) -> None:
+    gate = SvidGate(clock=clock, trust_domain=lambda: "example.org")
+    gate.update_bundles(ca.bundles())
+    good = ca.svid("/a")
+    gate.update_svids(X509SvidUpdate((good,)))
+    foreign = Ca.root("other.org").svid("/a")
+    assert gate.update_svids(X509SvidUpdate((good, foreign))).svids == (good,)
+    assert gate.rejections == {"wrong_trust_domain": 1}
+    assert gate.pending == frozenset()
+
+
+def test_gate_names_when_a_not_yet_valid_svid_becomes_valid(clock: Clock, ca: Ca) -> None:
+    counted: list[str] = []
+    gate = SvidGate(clock=clock, on_reject=counted.append)
+    gate.update_bundles(ca.bundles())
+    good = ca.svid("/a")
+    later = ca.svid("/a", not_before=NOW + dt.timedelta(minutes=5))
+    gate.update_svids(X509SvidUpdate((good,)))
+    assert gate.next_recheck() is None
+    assert gate.update_svids(X509SvidUpdate((later,))).svids == (good,)
+    assert gate.next_recheck() == (NOW + dt.timedelta(minutes=5)).replace(microsecond=0)
+    assert counted == ["not_yet_valid"]
+    clock.now = NOW + dt.timedelta(minutes=6)
+    assert gate.recheck().svids == (later,)
+    assert gate.next_recheck() is None
