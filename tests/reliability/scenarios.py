@@ -32,7 +32,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     _S("spire.restarted-repeatedly", "SPIRE faults", "SPIRE restarts again and again",
        "no SVID is lost or pushed twice; the agent recovers after each restart"),
     _S("spire.slow-answers", "SPIRE faults", "every SPIRE call is delayed",
-       "served SVIDs stay; the slow first answer is warned about once"),
+       "served SVIDs stay; the slow first answers are warned about once per episode"),
     _S("spire.resource-exhausted-burst", "SPIRE faults", "a burst of RESOURCE_EXHAUSTED",
        "retried with backoff, logged once per episode, recovers"),
     _S("spire.unavailable-burst", "SPIRE faults", "a burst of UNAVAILABLE",
@@ -53,10 +53,12 @@ SCENARIOS: tuple[Scenario, ...] = (
        "the certificate's URI SAN differs from the SPIFFE ID", "rejected; the previous kept"),
     _S("spire.bundle-drops-ca-in-use", "SPIRE faults",
        "a bundle update drops the CA that signed the SVIDs in use",
-       "the update is refused while SVIDs in use chain to the dropped CA; nothing breaks"),
+       "the dropped CA stays in the bundles served while SVIDs in use chain to it (logged "
+       "once); it goes once SPIRE re-issues them; nothing breaks"),
     _S("spire.bad-trust-domain-in-bundle", "SPIRE faults",
        "one federated trust domain's bundle is malformed",
-       "only that trust domain is refused; the others are applied"),
+       "only that trust domain is refused (its last good bundle kept, logged once); the "
+       "others are applied"),
     # --- 2. SDS abuse ----------------------------------------------------------------------
     _S("sds.random-bytes", "SDS abuse", "random bytes on the SDS socket",
        "the connection is dropped; other clients unaffected"),
