@@ -13,11 +13,16 @@ from agent.cache.keys import WorkloadKey, key_for_process
 from agent.errors import AttestationError
 from agent.uds.peercred import PeerCredentials
 
-__all__ = ["Caller", "CallerUnknown", "identify_caller"]
+__all__ = ["Caller", "CallerGone", "CallerUnknown", "identify_caller"]
 
 
 class CallerUnknown(Exception):
     """The caller's process could not be identified; ``str()`` says why (for the log)."""
+
+
+class CallerGone(CallerUnknown):
+    """The caller's connection was closed before its call was read (it vanished with
+    requests still in flight): nobody is left to answer."""
 
 
 @dataclass
@@ -68,7 +73,7 @@ def identify_caller(peer: str, lookup: Callable[[str], PeerCredentials | None],
     """
     creds = lookup(peer)
     if creds is None:
-        raise CallerUnknown(f"no peer credentials for connection {peer!r}")
+        raise CallerGone(f"no peer credentials for connection {peer!r}: it is closed")
     if creds.pid <= 0:
         raise CallerUnknown(f"the caller (uid {creds.uid}) lives in a PID namespace this "
                             "agent cannot see; run the agent with the host's PID namespace")

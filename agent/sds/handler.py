@@ -50,7 +50,7 @@ from google.protobuf.message import DecodeError
 
 from agent.attest.procfs import ProcReader
 from agent.cache.keys import WorkloadKey
-from agent.sds.caller import Caller, CallerUnknown, identify_caller
+from agent.sds.caller import Caller, CallerGone, CallerUnknown, identify_caller
 from agent.sds.delta import DeltaProtocol
 from agent.sds.limits import SdsLimits, quote_name, quote_names
 from agent.sds.names import resource_kind
@@ -223,7 +223,9 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
             return identify_caller(context.peer(), self._lookup, self._reader)
         except CallerUnknown as exc:
             self.stats.caller_failures += 1
-            self._log.warning("SDS %s: workload attestation failed: %s", rpc, exc)
+            # A caller that vanished with a call in flight is no attestation failure.
+            self._log.log(logging.DEBUG if isinstance(exc, CallerGone) else logging.WARNING,
+                          "SDS %s: workload attestation failed: %s", rpc, exc)
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
                                "workload attestation failed")
             raise AssertionError("unreachable: abort raises") from None

@@ -21,11 +21,17 @@ _SHOWN_CHARS = 120
 
 
 def quote_name(name: str) -> str:
-    """``name`` as a JSON string (control characters escaped: a name can never forge a log
-    line), cut to a readable length."""
+    """``name`` as a JSON string with every unprintable character escaped (a name can
+    never forge a log line or hide behind bidi controls), cut to a readable length."""
+    shown = _escaped(name[:_SHOWN_CHARS])
     if len(name) > _SHOWN_CHARS:
-        return json.dumps(name[:_SHOWN_CHARS]) + f"... ({len(name.encode())} bytes)"
-    return json.dumps(name)
+        return shown + f"... ({len(name.encode('utf-8', 'surrogatepass'))} bytes)"
+    return shown
+
+
+def _escaped(text: str) -> str:
+    quoted = json.dumps(text, ensure_ascii=False)
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in quoted)
 
 
 def quote_names(names: Iterable[str], *, sep: str = ", ") -> str:

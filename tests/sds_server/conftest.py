@@ -30,6 +30,7 @@ from agent.config import AgentSettings, HostPort, ReconnectSettings
 from agent.devspire import DevSpire, DevSpireSettings
 from agent.model import X509Svid
 from agent.runner import Agent
+from agent.sds.limits import SdsLimits
 from agent.sds.server import SdsServer, SdsSettings
 from agent.sds.view import ViewSettings
 from tests.envoyproc import EnvoyProcess, envoy_binary, envoy_factory
@@ -250,13 +251,13 @@ class Scripted:
 
 
 async def scripted_server(work: Path, *, trusted: Sequence[str] = (),
-                          fetch_timeout: float = 2.0, trust_domain: str | None = TD
-                          ) -> Scripted:
+                          fetch_timeout: float = 2.0, trust_domain: str | None = TD,
+                          limits: SdsLimits | None = None) -> Scripted:
     cache = FakeCache()
     socket = work / "sds.sock"
     server = SdsServer(SdsSettings(socket, view=ViewSettings(
         trust_domain=trust_domain, trusted_proxies=frozenset(trusted)),
-        fetch_timeout=fetch_timeout),
+        fetch_timeout=fetch_timeout, limits=limits if limits is not None else SdsLimits()),
         cache)
     await server.start()
     return Scripted(cache, server, socket)
