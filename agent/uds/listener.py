@@ -47,15 +47,18 @@ def _make_directories(directory: Path) -> None:
     umask 077 ``mkdir`` alone made them 0700, and Envoys of other users could not reach the
     socket). Directories that already exist keep their mode: that is the operator's choice."""
     missing: list[Path] = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
+    existing = directory
+    while not existing.exists():
+        missing.append(existing)
+        existing = existing.parent
     for made in reversed(missing):
         try:
             made.mkdir(mode=0o755)
         except FileExistsError:
             continue  # made meanwhile by someone else: not ours to change
         os.chmod(made, 0o755)
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
 
 
 def bind_unix_listener(path: Path, *, mode: int, group: int | None = None,
