@@ -602,7 +602,9 @@ class DelegatedIdentityClient:
         warning (and one "answers again"), not one per subscription and attempt."""
         self._safely(lambda: self._observer.on_retry(method, code.name, attempt, delay))
         if code == grpc.StatusCode.UNAVAILABLE and not Path(self._path).exists():
-            cause = "socket-missing"
+            # One cause with "connection refused": SPIRE coming up goes from one to the
+            # other (and gRPC may report the stale error once the socket is there).
+            cause = code.name
             summary = f"admin socket {self._path} missing"
             message = (
                 f"SPIRE agent admin socket {self._path} does not exist (yet); waiting for "
