@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from agent.attest.procfs import ProcessIdentity, ProcReader
+from agent.attest.procfs import ProcessGone, ProcessIdentity, ProcReader
 from agent.cache.keys import WorkloadKey, key_for_process
 from agent.errors import AttestationError
 from agent.uds.peercred import PeerCredentials
@@ -39,6 +40,8 @@ class Caller:
     process: ProcessIdentity
     key: WorkloadKey
     pidfd: int | None = None
+    exit_reported: bool = False  # for the handler: its exit was counted and logged
+    _on_exit: Callable[[], None] | None = field(default=None, repr=False)
 
     def exited(self) -> bool:
         """True once the process that connected has exited (its pidfd polls readable)."""
@@ -51,7 +54,49 @@ class Caller:
         except OSError:
             return True
 
+    def verify(self, reader: ProcReader) -> str | None:
+        """None while the process that connected still lives, in the pod and container it
+        was identified in; else ``"exited"``, or why it can no longer be served as
+        ``key`` (e.g. it was moved into another pod's cgroup)."""
+        if self.exited():
+            return "exited"
+        try:
+            now = reader.identity(self.process.pid, self.pidfd)
+        except ProcessGone:
+            return "exited"
+        except AttestationError as exc:
+            return f"can no longer be identified: {exc}"
+        if now.start_time != self.process.start_time:
+            return "exited"  # and its PID names another process already
+        if (now.pod_uid, now.container_id) != (self.process.pod_uid,
+                                               self.process.container_id):
+            return (f"moved from {_where(self.process)} to {_where(now)}; it is no longer "
+                    f"served as {self.key}")
+        return None
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` once, from the running event loop, when the process that
+        connected exits (its pidfd becomes readable). Needs a pidfd; without one, exits are
+        noticed by :meth:`verify` only. Undone by :meth:`close`."""
+        if self.pidfd is None or self._on_exit is not None:
+            return
+        self._on_exit = callback
+        asyncio.get_running_loop().add_reader(self.pidfd, self._exited)
+
+    def _exited(self) -> None:
+        callback = self._on_exit
+        self._stop_watching()  # level-triggered: once is enough
+        if callback is not None:
+            callback()
+
+    def _stop_watching(self) -> None:
+        if self._on_exit is not None and self.pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+        self._on_exit = None
+
     def close(self) -> None:
+        self._stop_watching()
         fd, self.pidfd = self.pidfd, None
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -61,6 +106,12 @@ class Caller:
         where = (f"pod {self.process.pod_uid}" if self.process.pod_uid
                  else f"uid {self.process.uid}, no pod")
         return f"pid {self.process.pid} ({where})"
+
+
+def _where(process: ProcessIdentity) -> str:
+    if process.pod_uid is None:
+        return "no pod"
+    return f"pod {process.pod_uid} (container {(process.container_id or 'none')[:12]})"
 
 
 def identify_caller(peer: str, lookup: Callable[[str], PeerCredentials | None],

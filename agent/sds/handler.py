@@ -25,7 +25,10 @@ Outcomes, per stream (SotW and delta alike unless said otherwise):
 * an unknown type_url, a request that cannot be decoded, or one past the limits
   (:class:`~agent.sds.limits.SdsLimits`: name length, names per request): INVALID_ARGUMENT
   saying which;
-* the caller's pinned process has exited: the stream ends (checked before every push);
+* the caller's pinned process has exited: the stream ends at once (its pidfd is watched)
+  and it is checked again before every push;
+* the caller's process now sits in another pod or container than the one it was identified
+  in (moved cgroups): UNAVAILABLE "workload attestation failed" at the next push, logged;
 * agent shutdown: the stream ends with OK (Envoy reconnects to the next agent).
 
 Counters go to ``stats`` (:class:`~agent.sds.stats.SdsStats`; resources by their bounded
@@ -275,11 +278,27 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         else:
             await self._check_names(context, caller, request.resource_names)
 
-    def _check_alive(self, caller: Caller) -> None:
-        if caller.exited():
+    async def _check_alive(self, context: Any, caller: Caller) -> None:
+        """Before every push: the process that connected still lives, in the pod it was
+        identified in (else it is not served as that pod any more)."""
+        reason = caller.verify(self._reader)
+        if reason == "exited":
+            self._caller_exited(caller)
+            raise _StreamEnded
+        if reason is not None:
+            self.stats.caller_failures += 1
+            self._log.warning("SDS caller %s %s; ending its stream", caller.describe(), reason)
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               "workload attestation failed")
+
+    def _caller_exited(self, caller: Caller, mailbox: _Mailbox | None = None) -> None:
+        """Counts and logs a caller's exit once; ``mailbox``: end its stream now."""
+        if not caller.exit_reported:
+            caller.exit_reported = True
             self.stats.callers_exited += 1
             self._log.info("SDS caller %s has exited; ending its stream", caller.describe())
-            raise _StreamEnded
+        if mailbox is not None:
+            mailbox.post(_END)
 
     def _kinds(self, names: Iterable[str]) -> list[str]:
         return [resource_kind(name, self._settings.names) for name in names]
@@ -344,6 +363,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         caller = await self._identify(context, method)
         mailbox = _Mailbox()
         view = await self._open(context, caller, mailbox, method)
+        caller.on_exit(lambda: self._caller_exited(caller, mailbox))
         reader = asyncio.create_task(self._read(requests, mailbox),
                                      name=f"sds {method} read {caller.describe()}")
         return caller, mailbox, view, reader
@@ -430,7 +450,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                         continue
                 if protocol.names is None:
                     continue
-                self._check_alive(caller)
+                await self._check_alive(context, caller)
                 resolution = view.resolve(protocol.names, protocol.node)
                 await self._check_refusals(context, caller, resolution, unmet_is_fatal=True)
                 if resolution.waiting or resolution.unissued:
@@ -472,7 +492,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                 if requested is None:
                     continue
                 await self._check_names(context, caller, requested, what="subscribed at once")
-                self._check_alive(caller)
+                await self._check_alive(context, caller)
                 resolution = view.resolve(requested, protocol.node)
                 await self._check_refusals(context, caller, resolution, unmet_is_fatal=False)
                 for name, why in resolution.unmet.items():
