@@ -110,11 +110,14 @@ SCENARIOS: tuple[Scenario, ...] = (
     # --- 4. Secrets ------------------------------------------------------------------------
     _S("secrets.no-key-in-output", "Secrets",
        "every log line (text and JSON), metric and status output of a full run",
-       "no private key material: no PEM, no DER, no 16-byte slice of any key"),
+       "no private key material: no PEM, no DER, no 16-byte slice of any key (raw, hex, "
+       "base64, escaped)"),
     _S("secrets.no-key-on-disk", "Secrets", "the agent's files during a full run",
-       "private keys never touch the disk"),
+       "private keys never touch the disk: none in any file the agents hold open or in their "
+       "directories; no file written (strace); the metrics TLS key only in memfds"),
     _S("secrets.socket-and-file-modes", "Secrets", "socket and file modes",
-       "as documented"),
+       "as documented, whatever the umask: SDS socket 0666 (or 0660 and a group), its "
+       "directory 0755, a 0700 private directory; dev-spire's socket 0770, keys.json 0600"),
     # --- 5. Endurance ----------------------------------------------------------------------
     _S("endurance.quick", "Endurance", "rotations across pods with Envoy attached (CI size)",
        "no RSS, descriptor or task growth; zero failed requests"),
