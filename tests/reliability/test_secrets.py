@@ -164,6 +164,7 @@ class Run:
     written_by_agent: list[str] = field(default_factory=list)  # "a: openat(...)", strace
     strace_opens: int = 0
     memfd_creates: dict[str, int] = field(default_factory=dict)
+    core_limits: dict[str, str] = field(default_factory=dict)  # from /proc/<pid>/limits
     agent_files: dict[str, bytes] = field(default_factory=dict)
     keystore: Path | None = None
     keystore_modes: list[int] = field(default_factory=list)
@@ -279,6 +280,8 @@ async def _start_agent(agent: AgentProc, admin_socket: Path, *extra: str,
         args = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", str(agent.strace_log), "-e",
                 "trace=open,openat,openat2,creat,rename,renameat,renameat2,link,linkat,"
                 "truncate,mknodat,memfd_create", "--", *args]
+    # Core dumps allowed at start, as containerd allows them: the agent must turn them off.
+    args = ["prlimit", "--core=unlimited", "--", *args]
     with agent.stdout.open("wb") as out, agent.stderr.open("wb") as err:
         agent.proc = await asyncio.create_subprocess_exec(
             *args, stdout=out, stderr=err, stdin=asyncio.subprocess.DEVNULL,
@@ -336,6 +339,10 @@ class Poller:
             content = read_open_file(pid, item.fd)
             if content is not None:
                 run.open_file_contents[f"{agent.name} fd {item.fd} -> {item.target}"] = content
+        with contextlib.suppress(OSError):
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            run.core_limits[agent.name] = " ".join(next(
+                line for line in limits.splitlines() if line.startswith("Max core")).split())
         cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
         run.modes[f"{agent.name} cwd {cwd}"] = (_mode(cwd), None)
         for path in (agent.sds_socket, agent.sds_socket.parent):
@@ -647,6 +654,10 @@ def test_no_key_material_on_disk(full_run: Run, record_property: Any) -> None:
     record_property("metrics_tls_memfds", run.memfd_creates["a"])
     record_property("keys_checked", len(run.keys))
     assert not written, "the agent wrote files: " + "; ".join(written[:20])
+    # Started with core dumps allowed, each agent turned them off: a crash writes no core
+    # file full of private keys.
+    assert run.core_limits == {"a": "Max core file size 0 0 bytes",
+                               "b": "Max core file size 0 0 bytes"}, run.core_limits
     assert not findings, "private key material on disk:\n" + "\n".join(findings)
     # dev-spire's --data-dir keystore is SPIRE-side state (as SPIRE server's disk KeyManager):
     # it does hold the CA keys, which also proves the scanner finds keys in files.
