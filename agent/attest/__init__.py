@@ -3,6 +3,7 @@
 from agent.attest.cgroups import (
     CgroupInfo,
     CgroupStatus,
+    is_container_id,
     is_pod_uid,
     parse_cgroup_file,
     parse_cgroup_path,
@@ -23,6 +24,7 @@ __all__ = [
     "ProcUnreadable",
     "ProcessGone",
     "ProcessIdentity",
+    "is_container_id",
     "is_pod_uid",
     "parse_cgroup_file",
     "parse_cgroup_path",

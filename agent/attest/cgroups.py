@@ -103,6 +103,11 @@ def is_pod_uid(text: str) -> bool:
     return _CANONICAL_POD_UID.fullmatch(text) is not None
 
 
+def is_container_id(text: str) -> bool:
+    """True for a container ID as this package reports it: 64 lower-case hex digits."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def parse_cgroup_path(path: str) -> tuple[str | None, str | None]:
     """One cgroup path -> ``(pod_uid, container_id)`` as SPIRE's extractor finds them.
 

@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.attest.cgroups import is_pod_uid
+from agent.attest.cgroups import is_container_id, is_pod_uid
 from agent.attest.procfs import ProcessGone, ProcessIdentity, ProcReader
 from agent.clock import Clock, SystemClock
 from agent.errors import AttestationError, SpireError
@@ -93,7 +93,9 @@ class X509Subscriber(Protocol):
 
 @dataclass(frozen=True)
 class PodTarget:
-    """Every live process of pod ``pod_uid`` (canonical, dashed) speaks for the pod.
+    """Every live process of pod ``pod_uid`` (canonical, dashed) speaks for the pod; with
+    ``container_id``, only the processes of that container (entries may select by
+    container, so another container's answer could be another identity).
 
     ``pidfd`` (with ``pid``, or the PID is read from the pidfd) names one process of the
     pod already pinned elsewhere (the caller, at accept time); it is tried first while it
@@ -102,13 +104,18 @@ class PodTarget:
     pod_uid: str
     pid: int | None = None
     pidfd: int | None = None
+    container_id: str | None = None
 
     def __post_init__(self) -> None:
         if not is_pod_uid(self.pod_uid):
             raise ValueError(f"{self.pod_uid!r} is not a pod UID "
                              "(lower-case hex 8-4-4-4-12 with dashes)")
+        if self.container_id is not None and not is_container_id(self.container_id):
+            raise ValueError(f"{self.container_id!r} is not a container ID")
 
     def __str__(self) -> str:
+        if self.container_id is not None:
+            return f"pod {self.pod_uid} container {self.container_id[:12]}"
         return f"pod {self.pod_uid}"
 
 
@@ -215,7 +222,7 @@ class _Pin:
     @classmethod
     def open(cls, reader: ProcReader, pid: int, *, pidfd: int | None, use_pidfd: bool,
              expect: ProcessIdentity | None, pod_uid: str | None,
-             stats: list[VerifierStats]) -> _Pin:
+             stats: list[VerifierStats], container_id: str | None = None) -> _Pin:
         """Pins ``pid`` (pidfd first, then the identity read through it, so the identity is
         that pidfd's process). Raises AttestationError when it is not the wanted process."""
         fd: int | None = None
@@ -231,6 +238,9 @@ class _Pin:
                 raise ProcessGone(pid, "the PID now names another process")
             if pod_uid is not None and identity.pod_uid != pod_uid:
                 raise AttestationError(f"process {pid} is not in pod {pod_uid}")
+            if container_id is not None and identity.container_id != container_id:
+                raise AttestationError(f"process {pid} is not in container "
+                                       f"{container_id[:12]} of pod {pod_uid}")
             pin = cls(reader, identity, fd, stats)
         except BaseException:
             if fd is not None:
@@ -478,18 +488,21 @@ class X509Verifier:
                 try:
                     pin = _Pin.open(self._reader, hinted, pidfd=target.pidfd,
                                     use_pidfd=self._settings.use_pidfd, expect=None,
-                                    pod_uid=target.pod_uid, stats=self._all_stats)
+                                    pod_uid=target.pod_uid, stats=self._all_stats,
+                                    container_id=target.container_id)
                 except (AttestationError, OSError):
                     pass  # that process is gone (its pidfd says so): any other will do
                 else:
                     self._set_orphaned(False)
                     return pin
-            pids = await asyncio.to_thread(self._candidates, target.pod_uid)
+            pids = await asyncio.to_thread(self._candidates, target.pod_uid,
+                                           target.container_id)
             for pid in pids:
                 try:
                     pin = _Pin.open(self._reader, pid, pidfd=None,
                                     use_pidfd=self._settings.use_pidfd, expect=None,
-                                    pod_uid=target.pod_uid, stats=self._all_stats)
+                                    pod_uid=target.pod_uid, stats=self._all_stats,
+                                    container_id=target.container_id)
                 except (AttestationError, OSError) as exc:
                     self._log.debug("%s: cannot pin PID %d: %s", target, pid, exc)
                     continue  # gone meanwhile, or ambiguous: try the next one
@@ -502,15 +515,18 @@ class X509Verifier:
             self._set_orphaned(True)
             await self._clock.sleep(self._settings.rescan_interval)
 
-    def _candidates(self, pod_uid: str) -> list[int]:
+    def _candidates(self, pod_uid: str, container_id: str | None = None) -> list[int]:
         """The pod's PIDs in the order to try them: each container's oldest process, and
         the container that started first (in Kubernetes, the pause sandbox, which SPIRE's
-        k8s attestor cannot find among the pod's containers) last; then the others."""
+        k8s attestor cannot find among the pod's containers) last; then the others.
+        With ``container_id``, that container's processes only, oldest first."""
         by_container: dict[str, list[int]] = {}
         for pid in self._reader.pids_of_pod(pod_uid):
             try:
                 container = self._reader.cgroup(pid).container_id or ""
             except AttestationError:
+                continue
+            if container_id is not None and container != container_id:
                 continue
             by_container.setdefault(container, []).append(pid)
         heads = sorted(pids[0] for pids in by_container.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from agent.attest.cgroups import is_pod_uid
+from agent.attest.cgroups import is_container_id, is_pod_uid
 from agent.attest.procfs import ProcessIdentity
 
 __all__ = [
@@ -33,17 +33,29 @@ class KeyMode(enum.Enum):
 
 @dataclass(frozen=True, order=True)
 class WorkloadUid:
-    """A pod, by its UID (canonical: lower-case, dashed)."""
+    """A pod, by its UID (canonical: lower-case, dashed); with ``container_id``, one
+    container of it.
+
+    An SDS caller is served as its own container (registration entries may select by
+    container, e.g. ``k8s:container-name``, so two containers of one pod can hold different
+    identities); a pod asked for by a trusted proxy (``workload:<pod uid>``) is the whole
+    pod, attested through any of its processes."""
 
     pod_uid: str
+    container_id: str | None = None
 
     def __post_init__(self) -> None:
         if not is_pod_uid(self.pod_uid):
             raise ValueError(f"{self.pod_uid!r} is not a pod UID "
                              "(lower-case hex 8-4-4-4-12 with dashes)")
+        if self.container_id is not None and not is_container_id(self.container_id):
+            raise ValueError(f"{self.container_id!r} is not a container ID "
+                             "(64 lower-case hex digits)")
 
     def __str__(self) -> str:
-        return f"WorkloadUid({self.pod_uid})"
+        if self.container_id is None:
+            return f"WorkloadUid({self.pod_uid})"
+        return f"WorkloadUid({self.pod_uid}/{self.container_id[:12]})"
 
 
 @dataclass(frozen=True, order=True)
@@ -98,7 +110,8 @@ CompositeId = WorkloadUid | ProcessKey | Identity
 
 
 def key_for_process(identity: ProcessIdentity) -> WorkloadKey:
-    """The key a process is served under: its pod, else the process itself."""
+    """The key a process is served under: its container of its pod, else the process
+    itself."""
     if identity.pod_uid is not None:
-        return WorkloadUid(identity.pod_uid)
+        return WorkloadUid(identity.pod_uid, identity.container_id)
     return ProcessKey(identity.pid, identity.start_time)

@@ -84,7 +84,7 @@ class SpireSource:
                  pidfd: int | None = None) -> X509Verifier:
         target: PodTarget | ProcessTarget
         if isinstance(key, WorkloadUid):
-            target = PodTarget(key.pod_uid, pid=pid, pidfd=pidfd)
+            target = PodTarget(key.pod_uid, pid=pid, pidfd=pidfd, container_id=key.container_id)
         else:
             target = ProcessTarget(key.pid, pidfd=pidfd, start_time=key.start_time)
         return X509Verifier(self._client, self._reader, target, clock=self._clock,
@@ -95,7 +95,16 @@ class SpireSource:
 
     def has_live_process(self, key: WorkloadKey) -> bool:
         if isinstance(key, WorkloadUid):
-            return bool(self._reader.pids_of_pod(key.pod_uid))
+            pids = self._reader.pids_of_pod(key.pod_uid)
+            if key.container_id is None:
+                return bool(pids)
+            for pid in pids:
+                try:
+                    if self._reader.cgroup(pid).container_id == key.container_id:
+                        return True
+                except AttestationError:
+                    continue
+            return False
         try:
             return self._reader.identity(key.pid).start_time == key.start_time
         except AttestationError:

@@ -22,7 +22,7 @@ import pytest
 
 from agent.cache.keys import WorkloadUid
 from agent.cache.watch import Watch
-from tests.podcgroups import FakePod, fake_pod
+from tests.podcgroups import FakePod, fake_pod, new_container_id
 from tests.reliability.attestation_support import (
     NOBODY,
     RPC,
@@ -477,3 +477,29 @@ async def test_caller_the_agent_cannot_see_is_refused(work: Path) -> None:
                                  10, "the reason in the agent's log")
             finally:
                 kill(agent)
+
+
+async def test_two_containers_of_one_pod_are_served_their_own_identities(work: Path) -> None:
+    """Entries may select by container (SPIRE's ``k8s:container-name``; dev-spire also has
+    ``k8s:container-id``): each container's caller gets its own SVID, never its sibling's,
+    even while the sibling's stream is open."""
+    with fake_pod() as pod:
+        first, second = pod.container_id, new_container_id()
+        one, two = f"spiffe://{TD}/one", f"spiffe://{TD}/two"
+        entries = [entry(one, f"k8s:pod-uid:{pod.pod_uid}", f"k8s:container-id:{first}"),
+                   entry(two, f"k8s:pod-uid:{pod.pod_uid}", f"k8s:container-id:{second}")]
+        async with attack_stack(work, entries) as stack:
+            held_one = await hold(pod, stack.sds_socket, work, container_id=first)
+            async with Bridge(held_one.sock, work) as bridge_one:
+                probe_one = await Probe.open(bridge_one.path)
+                await eventually(lambda: one in probe_one.ids, 15, "the first container's SVID")
+                held_two = await hold(pod, stack.sds_socket, work, container_id=second)
+                async with Bridge(held_two.sock, work) as bridge_two:
+                    probe_two = await Probe.open(bridge_two.path)
+                    await eventually(lambda: bool(probe_two.ids), 15, "an SVID for the second")
+                    await probe_two.close()
+                held_two.close()
+                await probe_one.close()
+            held_one.close()
+            assert probe_two.ids == {two}, "a container was served its sibling's SVID"
+            assert probe_one.ids == {one}

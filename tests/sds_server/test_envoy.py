@@ -119,8 +119,8 @@ async def test_envoys_in_two_pods_get_their_own_identities_and_talk_mtls(
                 assert f"URI={PROXY_ID}" in echoed["xfcc"]
                 # They were served as the pods they are in, through the cache.
                 watched = set(stack.agent.cache.workloads()) if stack.agent else set()
-                assert {WorkloadUid(proxy_pod.pod_uid),
-                        WorkloadUid(registry_pod.pod_uid)} <= watched
+                assert {WorkloadUid(proxy_pod.pod_uid, proxy_pod.container_id),
+                        WorkloadUid(registry_pod.pod_uid, registry_pod.container_id)} <= watched
             finally:
                 registry.close()
 
