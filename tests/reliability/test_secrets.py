@@ -41,7 +41,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.config import HostPort
-from agent.demo.chain import free_port
 from agent.demo.registry import issue_server_certificate
 from agent.devspire import DevSpire, DevSpireSettings
 from agent.logs import JsonFormatter
@@ -105,10 +104,11 @@ class AgentProc:
     name: str
     root: Path
     log_format: str
-    health: HostPort
-    metrics: HostPort
     sds_socket: Path
     umask: int
+    # Port 0 until the agent says which it bound.
+    health: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 0))
+    metrics: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 0))
     proc: asyncio.subprocess.Process | None = None
     strace_log: Path | None = None
 
@@ -134,6 +134,16 @@ class AgentProc:
 
     def log_text(self) -> str:
         return self.stderr.read_text(errors="replace") + self.stdout.read_text(errors="replace")
+
+    def bound(self) -> bool:
+        """Reads the ports it bound (port 0: free ports, so no clash with other tests)."""
+        found = dict(re.findall(r"serving (/healthz|/metrics)[^\n]*? on https?://"
+                                r"127\.0\.0\.1:(\d+)", self.log_text()))
+        if len(found) < 2:
+            return False
+        self.health = HostPort("127.0.0.1", int(found["/healthz"]))
+        self.metrics = HostPort("127.0.0.1", int(found["/metrics"]))
+        return True
 
     def pid(self) -> int | None:
         """The agent's own PID (under strace: strace's child)."""
@@ -270,8 +280,7 @@ async def _start_agent(agent: AgentProc, admin_socket: Path, *extra: str,
         directory.mkdir(parents=True)
     args = [sys.executable, "-m", "agent", "run", "--spire-admin-socket", str(admin_socket),
             "--sds-socket", str(agent.sds_socket), "--trust-domain", TD,
-            "--health-address", f"{agent.health.host}:{agent.health.port}",
-            "--metrics-address", f"{agent.metrics.host}:{agent.metrics.port}",
+            "--health-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
             "--log-level", "debug", "--log-format", agent.log_format,
             "--reconnect-initial", "50ms", "--reconnect-max", "500ms",
             "--shutdown-grace", "2s", *extra]
@@ -374,12 +383,8 @@ async def _full_run(work: Path) -> Run:
         socket_path=str(admin_socket), trust_domain=TD, entries_path=str(entries_path),
         authorized_delegates=(DELEGATE,), svid_ttl=SVID_TTL, ca_ttl=3600.0,
         reload_interval=0.1, faults_path=str(faults_path), data_dir=str(data_dir))
-    a = AgentProc("a", work / "a", "text", HostPort("127.0.0.1", free_port()),
-                  HostPort("127.0.0.1", free_port()), work / "a" / "run" / "sds" / "sds.sock",
-                  umask=0o077)
-    b = AgentProc("b", work / "b", "json", HostPort("127.0.0.1", free_port()),
-                  HostPort("127.0.0.1", free_port()), work / "b" / "run" / "sds.sock",
-                  umask=0o000)
+    a = AgentProc("a", work / "a", "text", work / "a" / "run" / "sds" / "sds.sock", umask=0o077)
+    b = AgentProc("b", work / "b", "json", work / "b" / "run" / "sds.sock", umask=0o000)
     with _Capture() as devspire_log:
         with _umask(0):
             dev = DevSpire(settings)
@@ -405,8 +410,9 @@ async def _full_run(work: Path) -> Run:
             await _start_agent(b, admin_socket, "--sds-socket-mode", "0660",
                                "--sds-socket-group", str(UID_B), strace=True)
             for agent in (a, b):
-                await eventually(lambda agent=agent: "serving SDS on" in agent.log_text(),  # type: ignore[misc]
-                                 timeout=60, what=f"agent {agent.name} to serve SDS")
+                await eventually(lambda agent=agent: "serving SDS on" in agent.log_text()  # type: ignore[misc]
+                                 and agent.bound(), timeout=60,
+                                 what=f"agent {agent.name} to serve SDS, health and metrics")
             polling = asyncio.create_task(poller.loop(stop))
 
             scraper = await _scraper_svid(admin_socket)
