@@ -510,17 +510,20 @@ def padded(pki: Pki, i: int, copies: int) -> dict[str, tuple[bytes, ...]]:
 async def test_clients_that_never_read_stall_only_themselves(
         abused: Abused, record_property: Callable[[str, object], None]) -> None:
     """Three raw HTTP/2 clients ask for ALL (about 1 MB a push), open their flow-control
-    windows wide and never read. Their buffers fill (relay, socket and gRPC stop at their
-    bounds: the stalled streams send nothing more), while every one of ten pushes reaches
-    the well-behaved client within PUSH_BOUND; once they vanish nothing stays behind."""
+    windows wide and never read; three more ask for default with a window of zero. Their
+    buffers fill (relay, socket and gRPC stop at their bounds: the stalled streams send
+    nothing more), while every one of ten pushes reaches the well-behaved client within
+    PUSH_BOUND; once they vanish nothing stays behind."""
     sock = abused.harness.socket
     abused.publish(**padded(abused.pki, 0, 1500))
     await abused.lively.read()
     await abused.lively.ack(["default"])
-    stuck = [await RawH2(sock).connect() for _ in range(3)]
+    stuck = [await RawH2(sock).connect() for _ in range(6)]
     try:
-        for client in stuck:
+        for client in stuck[:3]:
             await client.open_stream(sotw_request(["ALL"]))
+        for client in stuck[3:]:  # a zero window: not even the first push goes out
+            await client.open_stream(sotw_request(["default"]), window=0)
         delays = []
         for i in range(1, 11):
             started = time.monotonic()
@@ -538,7 +541,7 @@ async def test_clients_that_never_read_stall_only_themselves(
             await abused.lively.read(timeout=PUSH_BOUND)
             await abused.lively.ack(["default"])
         assert stats.responses == before + 3, "a stuck stream kept being written to"
-        assert stats.streams_active == 4
+        assert stats.streams_active == 7
         record_property("max_push_seconds_beside_stuck_clients", round(max(delays), 4))
     finally:
         for client in stuck:
@@ -679,8 +682,9 @@ async def abuse_until(sock: Path, stop: asyncio.Event, tally: dict[str, int]) ->
     hello, http1 = tls_client_hello(), http1_request()
 
     async def never_reader() -> RawH2:
+        """A flow-control window of zero: its stream's first push can never be sent."""
         client = await RawH2(sock).connect()
-        await client.open_stream(sotw_request(["ALL", "default", "ROOTCA"]))
+        await client.open_stream(sotw_request(["ALL", "default", "ROOTCA"]), window=0)
         return client
 
     async def vanisher() -> None:
