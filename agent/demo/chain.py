@@ -281,9 +281,15 @@ class Chain:
         await self.supervisor.stop("dev-spire", grace=self.settings.grace)
         await self.start_spire()
 
-    async def restart_agent(self) -> None:
-        await self.supervisor.stop("agent", grace=self.settings.grace)
+    async def restart_agent(self) -> int | None:
+        """SIGTERM, then a new agent; returns the old one's exit status. A clean exit
+        removed the socket file; after an unclean one the stale file is removed here, so that
+        the wait for the new agent's socket cannot be fooled by it."""
+        status = await self.supervisor.stop("agent", grace=self.settings.grace)
+        if status != 0:
+            self.sds_socket.unlink(missing_ok=True)
         await self.start_agent()
+        return status
 
     async def _wait(self, condition: Callable[[], bool], child: str, what: str,
                     timeout: float = 30.0) -> None:  # noqa: ASYNC109

@@ -244,7 +244,9 @@ async def test_restarting_dev_spire_then_the_agent_fails_no_request(family: str)
             await eventually(lambda: loop.counts.ok >= pulled + 5,
                              what="pulls with the reissued SVIDs")
 
-            await chain.restart_agent()
+            # SIGTERM: the agent drains and exits 0 (having removed its socket file).
+            status = await chain.restart_agent()
+            assert status == 0, f"the agent exited with status {status} on SIGTERM"
             pulled = loop.counts.ok
             await eventually(lambda: loop.counts.ok >= pulled + 5,
                              what="pulls after the agent restart")
