@@ -18,6 +18,7 @@ from agent.cli import ENV_PREFIX, RUN_OPTIONS, agent_settings
 from agent.cliopts import add_options
 from agent.config import AgentSettings
 from agent.errors import ConfigError
+from agent.sds.limits import SdsLimits
 from tests.envoyproc import sds_bootstrap
 from tests.sds_server.conftest import TD, UID_A, AsUser, entry, make_stack, needs_root
 from tests.waiting import eventually
@@ -133,6 +134,26 @@ def test_bad_sds_options_are_one_line_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         _settings(argv)
     assert caught.value.code == 2
+
+
+def test_sds_limits_flags_and_environment() -> None:
+    settings = _settings(["--sds-max-names", "16", "--sds-idle-timeout", "90s"],
+                         env={"SPIFFE_DELEGATE_SDS_MAX_NAME_BYTES": "4096",
+                              "SPIFFE_DELEGATE_SDS_MAX_NAMES": "8",
+                              "SPIFFE_DELEGATE_SDS_MAX_CONNECTIONS": "100",
+                              "SPIFFE_DELEGATE_SDS_MAX_STREAMS_PER_CONNECTION": "50",
+                              "SPIFFE_DELEGATE_SDS_HANDSHAKE_TIMEOUT": "2s"})
+    assert settings.sds_limits == SdsLimits(max_name_bytes=4096, max_names=16,
+                                            max_connections=100,
+                                            max_streams_per_connection=50,
+                                            handshake_timeout=2.0, idle_timeout=90.0)
+    assert _settings([]).sds_limits == SdsLimits()
+    for argv in (["--sds-max-names", "0"], ["--sds-max-connections", "many"],
+                 ["--sds-handshake-timeout", "0s"]):
+        with pytest.raises(SystemExit):
+            _settings(argv)
+    with pytest.raises(ConfigError, match="--sds-max-name-bytes 100 is too small"):
+        _settings(["--sds-max-name-bytes", "100"])
 
 
 def test_clashing_sds_names_are_a_config_error() -> None:
