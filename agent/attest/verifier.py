@@ -140,15 +140,21 @@ class VerifierSettings:
     """``rescan_interval``: how often /proc is searched again for a pod with no live
     process; ``retry_interval``: the wait after SPIRE refused a subscription for good
     (e.g. PERMISSION_DENIED) before trying again; ``use_pidfd``: pin processes with pidfds
-    (turn off only to exercise the identity re-checks alone, or where the kernel has none)."""
+    (turn off only to exercise the identity re-checks alone, or where the kernel has none);
+    ``answer_timeout``: how long a pod's subscription through one process may go without
+    a first answer (SPIRE cannot attest that PID: the client keeps retrying its
+    UNAVAILABLE "workload attestation failed" with back-off) before another process of
+    the pod is tried instead, if there is one not tried yet in this episode."""
 
     rescan_interval: float = 1.0
     retry_interval: float = 5.0
     use_pidfd: bool = True
+    answer_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.rescan_interval <= 0 or self.retry_interval <= 0:
-            raise ValueError("rescan_interval and retry_interval must be positive")
+        if self.rescan_interval <= 0 or self.retry_interval <= 0 or self.answer_timeout <= 0:
+            raise ValueError("rescan_interval, retry_interval and answer_timeout must be "
+                             "positive")
 
 
 @dataclass
@@ -367,6 +373,10 @@ class X509Verifier:
         self._orphan_event = asyncio.Event()
         self._origin: ProcessIdentity | None = None
         self._reported_errors: set[str] = set()
+        # PIDs (with their start times) SPIRE gave no first answer about in this episode;
+        # an episode ends with the next delivered answer.
+        self._unanswered: dict[int, int] = {}
+        self._stall_reported = False
 
     # --- public -------------------------------------------------------------------------
 
@@ -484,7 +494,8 @@ class X509Verifier:
             hinted = target.pid
             if hinted is None and target.pidfd is not None:
                 hinted = _pid_of_pidfd(target.pidfd)
-            if hinted is not None and target.pidfd is not None:
+            if (hinted is not None and target.pidfd is not None
+                    and not self._was_unanswered(hinted)):
                 try:
                     pin = _Pin.open(self._reader, hinted, pidfd=target.pidfd,
                                     use_pidfd=self._settings.use_pidfd, expect=None,
@@ -497,6 +508,9 @@ class X509Verifier:
                     return pin
             pids = await asyncio.to_thread(self._candidates, target.pod_uid,
                                            target.container_id)
+            # Processes SPIRE did not answer about come last (still tried: it may).
+            pids = ([pid for pid in pids if not self._was_unanswered(pid)]
+                    + [pid for pid in pids if self._was_unanswered(pid)])
             for pid in pids:
                 try:
                     pin = _Pin.open(self._reader, pid, pidfd=None,
@@ -561,11 +575,30 @@ class X509Verifier:
         dead = asyncio.ensure_future(pin.dead.wait())
         answer: asyncio.Future[X509SvidUpdate] | None = None
         delivered = False
+        answered = False
         try:
             while True:
                 answer = asyncio.ensure_future(anext(stream))
-                done, _ = await asyncio.wait({answer, dead},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                while True:
+                    # Only a pod's first answer has a deadline (later ones come when
+                    # SPIRE rotates), and only while another process could stand in.
+                    waiting: set[asyncio.Future[Any]] = {answer, dead}
+                    timer = None
+                    if not answered and isinstance(self.target, PodTarget):
+                        timer = asyncio.ensure_future(
+                            self._clock.sleep(self._settings.answer_timeout))
+                        waiting.add(timer)
+                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if timer is not None:
+                        await _cancel(timer)
+                    done.discard(timer)
+                    if done:
+                        break
+                    if await self._another_candidate(pin):
+                        self._unanswered[pin.identity.pid] = pin.identity.start_time
+                        self._report_stall(pin)
+                        return delivered
+                answered = True
                 if answer not in done:
                     await _cancel(answer)
                     self._log_gone(pin)
@@ -585,6 +618,8 @@ class X509Verifier:
                     self._discard(pin, reason, "after SPIRE's answer")
                     return delivered
                 self._reported_errors.clear()
+                self._unanswered.clear()  # the episode is over
+                self._stall_reported = False
                 self._slot = (VerifiedUpdate(update, pin.identity), pin)
                 delivered = True
                 self._wake()
@@ -597,6 +632,35 @@ class X509Verifier:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+
+    def _was_unanswered(self, pid: int) -> bool:
+        """True when SPIRE gave no first answer about this very process (same start
+        time) in this episode."""
+        start_time = self._unanswered.get(pid)
+        if start_time is None:
+            return False
+        try:
+            return self._reader.start_time(pid) == start_time
+        except AttestationError:
+            return False
+
+    async def _another_candidate(self, pin: _Pin) -> bool:
+        """Whether a process of the pod other than ``pin``'s, not yet left unanswered in
+        this episode, could carry the subscription instead."""
+        target = self.target
+        if not isinstance(target, PodTarget):
+            return False
+        pids = await asyncio.to_thread(self._candidates, target.pod_uid, target.container_id)
+        return any(pid != pin.identity.pid and not self._was_unanswered(pid) for pid in pids)
+
+    def _report_stall(self, pin: _Pin) -> None:
+        """Once per episode (until an answer is delivered again)."""
+        level = logging.DEBUG if self._stall_reported else logging.WARNING
+        self._stall_reported = True
+        self._log.log(level, "%s: no answer from SPIRE about PID %d after %gs (SPIRE may be "
+                      "unable to attest that process; the SPIRE client keeps retrying it "
+                      "with back-off); trying another of its processes instead",
+                      self.target, pin.identity.pid, self._settings.answer_timeout)
 
     def _count(self, result: str) -> None:
         for stats in self._all_stats:
