@@ -37,9 +37,10 @@ _PEM = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _HEX_RUN = re.compile(rb"[0-9a-fA-F]{32,}")
 _SEPARATED_HEX = re.compile(rb"(?:[0-9a-fA-F]{2}[:\- ]){15,}[0-9a-fA-F]{2}")
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/_\-]{20,}")
-_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|u00[0-9a-fA-F]{2}|[0-7]{1,3}|[nrt\\'\"])")
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|u00[0-9a-fA-F]{2}|[0-7]{1,3}|[nrtbfva/\\'\"])")
 _BREAKS = re.compile(rb"\s+|\\[nrt]")
-_SIMPLE = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"\\": b"\\", b"'": b"'", b'"': b'"'}
+_SIMPLE = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f", b"v": b"\v",
+           b"a": b"\a", b"/": b"/", b"\\": b"\\", b"'": b"'", b'"': b'"'}
 
 
 def _b64_needles(window: bytes) -> Iterator[str]:

@@ -359,6 +359,10 @@ class Poller:
             with contextlib.suppress(FileNotFoundError):
                 st = path.lstat()
                 run.modes[f"{agent.name} {path}"] = (stat.S_IMODE(st.st_mode), st.st_gid)
+        for root in (agent.cwd, agent.tmp, agent.home, agent.sds_socket.parent):
+            for path in regular_files(root):  # during the run too: none is expected
+                with contextlib.suppress(OSError):
+                    run.agent_files[str(path)] = path.read_bytes()
         with contextlib.suppress(FileNotFoundError):
             for private in agent.tmp.iterdir():
                 run.modes[f"{agent.name} private {private}"] = (_mode(private), None)
@@ -575,8 +579,9 @@ def full_run() -> Iterator[Run]:
     if os.geteuid() != 0:
         pytest.skip("needs root (Envoys run under other uids)")
     envoy_binary()
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace")
+    for tool in ("strace", "prlimit", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
     work = short_dir("secrets-")
     try:
         started = time.monotonic()
