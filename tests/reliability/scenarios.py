@@ -87,26 +87,33 @@ SCENARIOS: tuple[Scenario, ...] = (
     # --- 3. Attestation attacks -------------------------------------------------------------
     _S("attest.pid-reuse-before-call", "Attestation attacks",
        "the caller's PID is reused by another pod before the SPIRE call",
-       "no certificate reaches the other pod"),
+       "refused (the pidfd pinned at accept says the caller exited); SPIRE is not asked; "
+       "no certificate reaches the other pod, whose own processes are still served"),
     _S("attest.pid-reuse-during-call", "Attestation attacks",
        "the caller's PID is reused while SPIRE is answering",
-       "the answer is discarded; no certificate reaches the other pod"),
+       "the call is dropped at the exit (pidfd), or SPIRE's answer about the new process is "
+       "discarded (/proc re-check); no certificate reaches the other pod"),
     _S("attest.pid-reuse-after-call", "Attestation attacks",
        "the caller's PID is reused after SPIRE answered, before delivery",
        "the answer is discarded; no certificate reaches the other pod"),
     _S("attest.pid-reuse-during-stream", "Attestation attacks",
        "the caller's PID is reused while its stream is open",
-       "later rotations never reach the new process"),
+       "the stream ends with its process; SPIRE's answer about the PID's new owner is "
+       "discarded; later rotations never reach the connection"),
     _S("attest.cgroup-move", "Attestation attacks", "a process moves to another pod's cgroup",
-       "it is not served the other pod's SVID as its own, nor keeps its old one"),
+       "its stream is refused at the next push: neither the other pod's SVID nor its old "
+       "pod's rotations; its old pod is re-attested through another process"),
     _S("attest.exit-before-attestation", "Attestation attacks",
-       "the caller exits before it is attested", "nothing is served; nothing leaks"),
+       "the caller exits before it is attested",
+       "nothing is served; no cache entry, SPIRE stream, descriptor or task is left"),
     _S("attest.workload-names-untrusted", "Attestation attacks",
        "an untrusted caller asks for workload:<uid> names",
-       "refused with PERMISSION_DENIED, logged"),
+       "refused with PERMISSION_DENIED, logged; a caller without identity gets nothing; "
+       "the pod named is never attested for them"),
     _S("attest.other-pid-namespace", "Attestation attacks",
        "the caller is in a PID namespace the agent cannot see",
-       "refused with a clear reason; nothing is served"),
+       "a caller in a child PID namespace is attested as its host PID; one the agent cannot "
+       "see (PID 0) is refused, the log saying why; nothing is served"),
     # --- 4. Secrets ------------------------------------------------------------------------
     _S("secrets.no-key-in-output", "Secrets",
        "every log line (text and JSON), metric and status output of a full run",
