@@ -71,13 +71,15 @@ class OwnIdentityFollower:
     def __init__(self, client: DelegatedIdentityClient, pid: int, *,
                  on_trust_domain: Callable[[str], None] | None = None,
                  on_identity: Callable[[X509SvidUpdate, X509Bundles | None], None] | None
-                 = None, on_reject: Callable[[str], None] | None = None) -> None:
+                 = None, on_reject: Callable[[str], None] | None = None,
+                 trust_domain: Callable[[], str | None] | None = None) -> None:
         self._client = client
         self._pid = pid
         self._on_trust_domain = on_trust_domain
         self._on_identity = on_identity
         # on_reject: own SVIDs refused count in svids_rejected_total like workloads' do.
-        self.gate = SvidGate(label="spiffe-delegate's own identity", on_reject=on_reject)
+        self.gate = SvidGate(label="spiffe-delegate's own identity", on_reject=on_reject,
+                             trust_domain=trust_domain)
         self.changed = asyncio.Event()
         self._in_use: tuple[bytes, ...] = ()
         self._bundles: X509Bundles | None = None
@@ -236,7 +238,8 @@ class Agent:
             follower = OwnIdentityFollower(self.client, os.getpid(),
                                            on_trust_domain=self.cache.learn_trust_domain,
                                            on_identity=endpoints.own_identity_changed,
-                                           on_reject=self.cache.count_rejection)
+                                           on_reject=self.cache.count_rejection,
+                                           trust_domain=lambda: self.cache.local_trust_domain)
             retry = self.settings.reconnect.maximum
             self._tasks = [
                 asyncio.create_task(_keep_following("own X.509-SVIDs", follower.follow_svids,
@@ -331,8 +334,8 @@ class Agent:
         try:
             await asyncio.wait([idle, hurry, stopping], timeout=grace,
                                return_when=asyncio.FIRST_COMPLETED)
-            if not idle.done() or hurry.done():
-                cut = len(self.sds.handler.open_calls()) if not idle.done() else None
+            if not idle.done():  # the grace ran out, or a second signal came
+                cut = len(self.sds.handler.open_calls())
             while not stopping.done():
                 await asyncio.wait([stopping, hurry], return_when=asyncio.FIRST_COMPLETED)
                 if hurry.done() and not stopping.done():
