@@ -80,6 +80,12 @@ def gone(stack: AttackStack) -> int:
     return stack.stats.process_exits + stack.stats.pid_reuse_detected
 
 
+def entries_of(stack: AttackStack, pod: FakePod) -> list[WorkloadUid]:
+    """The cache entries of ``pod`` (the pod's, or one of its containers')."""
+    return [key for key in stack.cache.workloads()
+            if isinstance(key, WorkloadUid) and key.pod_uid == pod.pod_uid]
+
+
 def published(watch: Watch) -> bool:
     return watch.latest() is not None
 
@@ -120,7 +126,7 @@ async def test_pid_reused_before_the_caller_is_attested(
                 assert any(f"pid {pid}" in r.getMessage() and "exited" in r.getMessage()
                            for r in caplog.records if r.name == "spiffe_delegate.sds")
                 assert stack.answers_sent() == 0, "SPIRE was asked about the reused PID"
-                assert WorkloadUid(a.pod_uid) not in stack.cache.workloads()
+                assert not entries_of(stack, a), "SPIRE was asked about the reused PID"
                 assert await served(stack, a, work, A_ID) == {A_ID}
             finally:
                 kill(reused)
@@ -379,7 +385,7 @@ async def test_workload_names_from_untrusted_callers(
             held = await hold(nobody, stack.sds_socket, work)
             async with Bridge(held.sock, work) as bridge:
                 probe = await Probe.open(bridge.path, [name])
-                key = WorkloadUid(nobody.pod_uid)
+                key = WorkloadUid(nobody.pod_uid, nobody.container_id)
                 await eventually(lambda: key in stack.cache.workloads()
                                  and stack.cache.workloads()[key].version > 0, 10,
                                  "the unregistered caller's attestation")
@@ -387,8 +393,7 @@ async def test_workload_names_from_untrusted_callers(
                 assert probe.responses == 0 and probe.ended is None
                 await probe.close()
             held.close()
-            assert WorkloadUid(a.pod_uid) not in stack.cache.workloads(), \
-                "pod A was attested for an untrusted caller"
+            assert not entries_of(stack, a), "pod A was attested for an untrusted caller"
 
             # The trusted proxy gets pod A's SVID by the same name (the name is right).
             held = await hold(proxy, stack.sds_socket, work)
