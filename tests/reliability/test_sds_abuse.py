@@ -190,10 +190,23 @@ async def test_garbage_is_refused_before_grpc_and_leaves_nothing(
 
 
 @pytest.mark.scenario("sds.random-bytes")
-async def test_garbage_after_a_valid_preface_is_grpcs_to_refuse(abused: Abused) -> None:
+async def test_garbage_after_a_valid_preface_is_grpcs_to_refuse(work_dir: Path, pki: Pki
+                                                                ) -> None:
     """Past the preface the bytes reach gRPC's HTTP/2 parser: broken frames, a huge frame
-    length, a DATA frame on a stream never opened. Each connection is dropped and nothing
-    stays behind."""
+    length, a DATA frame on a stream never opened (dropped at the idle timeout, here half a
+    second), a message claiming 4 GB. Each connection is dropped and nothing stays
+    behind."""
+    abused = await open_abused(work_dir, pki, SdsLimits(handshake_timeout=HANDSHAKE,
+                                                        idle_timeout=0.5))
+    try:
+        await _garbage_after_preface(abused)
+    finally:
+        await abused.lively.close()
+        abused.harness.cache.close()
+        await abused.server.stop(grace=1)
+
+
+async def _garbage_after_preface(abused: Abused) -> None:
     payloads = [PREFACE + _RNG.randbytes(4096),
                 client_settings() + b"\xff\xff\xff\x01\x04\x00\x00\x00\x01",
                 client_settings() + b"\x00\x00\x05\x00\x00\x00\x00\x00\x07hello",
