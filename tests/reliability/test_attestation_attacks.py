@@ -143,7 +143,9 @@ async def test_pid_reused_while_spire_is_answering(work: Path, use_pidfd: bool,
             arrived: list[tuple[int, set[str]]] = []
             stack.client.on_answer = lambda pid, update: arrived.append(
                 (pid, {s.spiffe_id for s in update.svids}))
-            stack.spire.faults.set_delay(RPC, 1.0)
+            # Long enough for the kill and the forced fork on a loaded machine; with a
+            # pidfd the call is dropped at the exit, so the wait is only paid without one.
+            stack.spire.faults.set_delay(RPC, 30.0 if use_pidfd else 3.0)
             # Someone else watches pod B too (another of its proxies' streams), so B's entry
             # and its SPIRE call outlive the attacker's own stream, which ends at the exit.
             watch = stack.cache.watch(WorkloadUid(b.pod_uid))
@@ -157,13 +159,14 @@ async def test_pid_reused_while_spire_is_answering(work: Path, use_pidfd: bool,
                 reused, tries = force_pid(a, pid)
                 record_property("pid_forcing_tries", tries)
                 try:
+                    assert not arrived, "SPIRE answered before the PID was reused"
                     if use_pidfd:
                         # The pidfd says so at once: the call is abandoned before SPIRE
                         # attests anything.
-                        await eventually(lambda: gone(stack) >= 1 or published(watch), 5,
+                        await eventually(lambda: gone(stack) >= 1 or published(watch), 10,
                                          "the exit")
                         assert not published(watch), "pod B's entry published an answer"
-                        await eventually(lambda: stack.open_x509_streams() == 0, 5,
+                        await eventually(lambda: stack.open_x509_streams() == 0, 10,
                                          "the by-PID call to be cancelled")
                     else:
                         # SPIRE answers about the PID as it is now: pod A. The answer fails
@@ -264,7 +267,7 @@ async def test_pid_reused_while_the_stream_is_open(
                         never_held(stack, a, B_ID)
                         assert stack.stats.pid_reuse_detected == 1
                     else:
-                        await eventually(lambda: gone(stack) >= 1 or leaked(stack, a, B_ID), 5,
+                        await eventually(lambda: gone(stack) >= 1 or leaked(stack, a, B_ID), 10,
                                          "the exit")
                         never_held(stack, a, B_ID)
                     assert await served(stack, b, work, B_ID) == {B_ID}
