@@ -532,6 +532,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
             raise
         mailbox = _Mailbox()
         view = await self._open(context, caller, mailbox, "FetchSecrets")
+        caller.on_exit(lambda: self._caller_exited(caller, mailbox))
         loop = asyncio.get_running_loop()
         budget = self._fetch_timeout
         remaining = context.time_remaining()
@@ -546,6 +547,13 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                     await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                                        "no identity issued: "
                                        + "; ".join(sorted(set(resolution.unissued.values()))))
+                if not resolution.waiting or caller.exit_reported:
+                    # Answered only to the process that asked, where it was identified.
+                    try:
+                        await self._check_alive(context, caller)
+                    except _StreamEnded:
+                        await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                                           "the caller has exited")
                 if not resolution.waiting:
                     response = discovery_pb2.DiscoveryResponse(
                         version_info=str(resolution.version), type_url=SECRET_TYPE_URL)

@@ -37,6 +37,7 @@ from tests.reliability.attestation_support import (
     remove,
     work_directory,
 )
+from tests.sds_server.clients import fetch
 from tests.sds_server.conftest import TD, entry
 from tests.waiting import eventually
 
@@ -511,3 +512,28 @@ async def test_two_containers_of_one_pod_are_served_their_own_identities(work: P
             held_one.close()
             assert probe_two.ids == {two}, "a container was served its sibling's SVID"
             assert probe_one.ids == {one}
+
+
+@pytest.mark.scenario("attest.exit-before-attestation")
+async def test_fetch_from_a_caller_that_exits_while_it_waits(work: Path) -> None:
+    """FetchSecrets waits for its caller's first SVID; the caller exits meanwhile, while
+    its pod lives on (so the pod's SVID does arrive): the answer is not handed to the
+    connection the dead process left behind."""
+    with fake_pod() as a, fake_pod() as b:
+        async with attack_stack(work, entries_for(a, b)) as stack:
+            other = b.spawn(["sleep", "120"], uid=NOBODY)
+            stack.spire.faults.set_delay(RPC, 1.0)
+            held = await hold(b, stack.sds_socket, work)
+            async with Bridge(held.sock, work) as bridge:
+                pending = asyncio.ensure_future(fetch(bridge.path, ["default"]))
+                await eventually(lambda: stack.open_x509_streams() == 1, 10,
+                                 "SPIRE to be holding the by-PID call")
+                held.kill()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await asyncio.wait_for(pending, 15)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert "exited" in (refused.value.details() or "")
+            stack.spire.faults.set_delay(RPC, 0)
+            # The pod itself is still served, through its other process.
+            assert await served(stack, b, work, B_ID) == {B_ID}
+            kill(other)
