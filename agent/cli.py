@@ -7,12 +7,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent.admin import entries as admin_entries
 from agent.admin import spire_config as admin_spire_config
@@ -29,8 +30,10 @@ from agent.config import (
     listen_address,
     positive_duration,
 )
+from agent.coredump import forbid_core_dumps
 from agent.errors import SpiffeDelegateError
 from agent.logs import configure_logging
+from agent.sds.limits import SdsLimits
 from agent.sds.names import SdsNames
 
 if TYPE_CHECKING:
@@ -100,6 +103,13 @@ def _group(text: str) -> int:
         raise ValueError(str(exc)) from None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _resource_name(text: str) -> str:
     if not text or text.strip() != text:
         raise ValueError(f"{text!r} is not a usable SDS resource name")
@@ -134,6 +144,20 @@ RUN_OPTIONS = (
     Option("--sds-disable-spiffe-cert-validation", "serve bundles as plain trusted_ca "
            "instead of Envoy's SPIFFE validator (SPIRE's disable_spiffe_cert_validation)",
            convert=_boolean, default=False, shown="false", metavar="BOOL"),
+    Option("--sds-max-name-bytes", "longest SDS resource name accepted, in bytes (SPIFFE "
+           "IDs are at most 2048)", convert=_positive_int, default=2048, metavar="N"),
+    Option("--sds-max-names", "most SDS resource names in one request (and subscribed at "
+           "once on a delta stream)", convert=_positive_int, default=1024, metavar="N"),
+    Option("--sds-max-connections", "most connections open on the SDS socket at once",
+           convert=_positive_int, default=4096, metavar="N"),
+    Option("--sds-max-streams-per-connection", "most SDS calls open at once on one "
+           "connection (more wait in the client)", convert=_positive_int, default=1024,
+           metavar="N"),
+    Option("--sds-handshake-timeout", "a new SDS connection that has not sent the HTTP/2 "
+           "preface within this long is closed", convert=positive_duration, default=10.0,
+           shown="10s", metavar="DUR"),
+    Option("--sds-idle-timeout", "an SDS connection with no call open this long is closed",
+           convert=positive_duration, default=300.0, shown="5m", metavar="DUR"),
     Option("--trusted-proxy", "SPIFFE ID whose holders may ask for other pods' SVIDs as "
            "workload:<pod uid> (repeatable)", convert=_workload_spiffe_id, repeatable=True,
            metavar="SPIFFEID"),
@@ -175,6 +199,9 @@ RUN_OPTIONS = (
            default=30.0, shown="30s", metavar="DUR"),
     Option("--reconnect-reset-after", "a stream healthy this long resets the back-off",
            convert=positive_duration, default=30.0, shown="30s", metavar="DUR"),
+    Option("--spire-slow-answer-warning", "warn (once per episode) when a SPIRE stream has "
+           "not answered for this long", convert=positive_duration, default=30.0,
+           shown="30s", metavar="DUR"),
     Option("--spire-max-message-size", "largest gRPC message accepted from SPIRE",
            convert=byte_size, default=64 * 1024 * 1024, shown="64MiB", metavar="BYTES"),
     *LOGGING_OPTIONS,
@@ -397,6 +424,12 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         sds_socket_mode=args.sds_socket_mode,
         sds_socket_group=args.sds_socket_group,
         sds_names=sds_names(args),
+        sds_limits=SdsLimits(
+            max_name_bytes=args.sds_max_name_bytes, max_names=args.sds_max_names,
+            max_connections=args.sds_max_connections,
+            max_streams_per_connection=args.sds_max_streams_per_connection,
+            handshake_timeout=args.sds_handshake_timeout,
+            idle_timeout=args.sds_idle_timeout),
         cache_key=args.cache_key,
         trusted_proxies=tuple(dict.fromkeys(repeatable_values(args, "trusted_proxy"))),
         shutdown_grace=args.shutdown_grace,
@@ -410,6 +443,7 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings:
         reconnect=ReconnectSettings(args.reconnect_initial, args.reconnect_max,
                                     args.reconnect_reset_after),
         spire_max_message_bytes=args.spire_max_message_size,
+        spire_slow_answer_warning=args.spire_slow_answer_warning,
     )
 
 
@@ -525,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spiffe-delegate {args.command}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, args.log_format)
+    if args.command == "run":
+        forbid_core_dumps()  # its memory holds SVID private keys
     try:
         status = asyncio.run(_until_signalled(body))
     except SpiffeDelegateError as exc:
@@ -532,7 +568,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    if args.command == "run":
+        _exit_now(status or 0)
     return status or 0
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Ends the process without the interpreter's finalization. ``run`` has drained, removed
+    its socket and closed everything by now; tearing down gRPC's core and the modules after
+    that took 0.3-1 s on a busy node, time that ``--shutdown-grace`` promises to stay within.
+    (So ``main(["run", ...])`` never returns: call it only as the process's entry point.)"""
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
 
 if __name__ == "__main__":
     sys.exit(main())

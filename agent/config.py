@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.durations import parse_duration
 from agent.errors import ConfigError
+from agent.sds.limits import SdsLimits
 from agent.sds.names import SdsNames
 
 DEFAULT_SPIRE_ADMIN_SOCKET = "/run/spire/admin/admin.sock"
@@ -146,6 +147,7 @@ class AgentSettings:
     sds_socket_mode: int = 0o666
     sds_socket_group: int | None = None
     sds_names: SdsNames = field(default_factory=SdsNames)
+    sds_limits: SdsLimits = field(default_factory=SdsLimits)
     cache_key: str = "workload"
     trusted_proxies: tuple[str, ...] = ()
     shutdown_grace: float = 5.0
@@ -160,3 +162,5 @@ class AgentSettings:
     log_level: str = "info"
     reconnect: ReconnectSettings = field(default_factory=ReconnectSettings)
     spire_max_message_bytes: int = 64 * 1024 * 1024
+    # A SPIRE stream silent this long is warned about (SPIRE waits for minted SVIDs).
+    spire_slow_answer_warning: float = 30.0
