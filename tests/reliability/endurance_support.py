@@ -34,6 +34,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.envoyproc import sds_config_source
+from tests.sds_server.clients import SotwClient
 
 __all__ = [
     "PLANTED_LEAK",
@@ -41,6 +42,7 @@ __all__ = [
     "PodIdentity",
     "ProcSample",
     "RequestLoop",
+    "churn_streams",
     "proxy_config",
     "setpriv_wrapper",
     "tracing_prelude",
@@ -248,6 +250,22 @@ def _dump(signum, frame):
     os.replace(path + ".tmp", path)
 signal.signal(signal.SIGUSR1, _dump)
 """
+
+
+async def churn_streams(sds_socket: Path, count: int) -> None:
+    """``count`` short SDS streams, one after another, from this process (the agent's own
+    identity: the test runs as the delegate's uid and binary): ask for ``default`` and
+    ``ROOTCA``, read the answer, ACK it, hang up. Each opens and closes a stream, its watch
+    and its tasks in the agent, so a per-stream leak grows with the rounds."""
+    for _ in range(count):
+        client = SotwClient(sds_socket)
+        try:
+            await client.request(["default", "ROOTCA"])
+            response = await client.read(timeout=30)
+            assert len(response.resources) == 2, response
+            await client.ack(["default", "ROOTCA"])
+        finally:
+            await client.close()
 
 
 def sum_samples(values: Mapping[str, float], name: str) -> float:

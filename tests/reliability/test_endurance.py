@@ -49,6 +49,7 @@ from tests.reliability.endurance_support import (
     PodIdentity,
     ProcSample,
     RequestLoop,
+    churn_streams,
     proxy_config,
     setpriv_wrapper,
     sum_samples,
@@ -71,15 +72,16 @@ class Plan:
     rss_limit_mb: float
     round_timeout: float
     restarts_per_round: int = 0  # containers restarted (process killed, a new one) a round
+    streams_per_round: int = 0  # short SDS streams opened and closed a round
     prelude: str | None = None  # run in the agent's process first (a planted leak)
 
 
 LEAKY = Plan(pods=5, warmup_rounds=2, rounds=6, rss_limit_mb=5.0, round_timeout=60.0,
              prelude=PLANTED_LEAK)
 QUICK = Plan(pods=20, warmup_rounds=3, rounds=20, rss_limit_mb=5.0, round_timeout=60.0,
-             restarts_per_round=1)
+             restarts_per_round=1, streams_per_round=3)
 SOAK = Plan(pods=100, warmup_rounds=10, rounds=100, rss_limit_mb=5.0, round_timeout=120.0,
-            restarts_per_round=2)
+            restarts_per_round=2, streams_per_round=5)
 
 
 def needs_root() -> None:
@@ -118,37 +120,28 @@ def current_serials(spire: DevSpire) -> dict[str, int]:
     return {e.spiffe_id: spire.cache.svid_for(e).serial for e in spire.cache.entries}
 
 
-async def all_pushes_acked(agent: AgentProcess, timeout: float) -> None:  # noqa: ASYNC109
-    """Until every resource the agent pushed was ACKed (or NACKed): the agent is idle."""
-    async def settled() -> bool:
-        values = await asyncio.to_thread(agent.metrics)
-        pushed = sum_samples(values, "spiffe_delegate_sds_pushes_total")
-        answered = (sum_samples(values, "spiffe_delegate_sds_acks_total")
-                    + sum_samples(values, "spiffe_delegate_sds_nacks_total"))
-        return pushed == answered
-
-    deadline = time.monotonic() + timeout
-    while not await settled():
-        agent.check_alive()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the agent's pushes were not all answered in {timeout}s"
-                                 + agent.log_tail())
-        await asyncio.sleep(0.05)
-
-
 async def steady_sample(agent: AgentProcess, timeout: float) -> ProcSample:  # noqa: ASYNC109
-    """A sample taken once pushes are all answered and two samples in a row agree on
-    descriptors, threads and tasks (a connection being closed, a task finishing)."""
-    await all_pushes_acked(agent, timeout)
-    previous = await asyncio.to_thread(agent.sample)
+    """A sample taken once the agent is idle: two samples 0.2 s apart agree on
+    descriptors, threads and tasks, and no push or ACK happened between them (a connection
+    being closed, a task finishing, an ACK on its way are waited out)."""
+    def take() -> tuple[ProcSample, tuple[float, ...]]:
+        sample = agent.sample()
+        values = agent.metrics()
+        activity = tuple(sum_samples(values, name) for name in (
+            "spiffe_delegate_sds_pushes_total", "spiffe_delegate_sds_acks_total",
+            "spiffe_delegate_sds_nacks_total", "spiffe_delegate_sds_streams_open"))
+        return sample, (sample.fds, sample.threads, sample.tasks, *activity)
+
+    _, previous = await asyncio.to_thread(take)
     deadline = time.monotonic() + timeout
     while True:
         await asyncio.sleep(0.2)
-        current = await asyncio.to_thread(agent.sample)
-        same = (current.fds, current.threads, current.tasks) == (
-            previous.fds, previous.threads, previous.tasks)
-        if same or time.monotonic() > deadline:
-            return current
+        sample, current = await asyncio.to_thread(take)
+        if current == previous:
+            return sample
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the agent did not settle in {timeout}s: {previous} -> "
+                                 f"{current}" + agent.log_tail())
         previous = current
 
 
@@ -222,7 +215,7 @@ async def _run(plan: Plan, record_property: RecordProperty, work: Path, envoy_di
                          what="the first requests through Envoy")
         assert loop.failed == 0, loop.first_failures
 
-        rotations = restarts = 0
+        rotations = restarts = streams = 0
         baseline: ProcSample | None = None
         rss_max = 0
         rss_mid = 0  # after half the measured rounds: growth that keeps on is a trend
@@ -231,6 +224,8 @@ async def _run(plan: Plan, record_property: RecordProperty, work: Path, envoy_di
             for _ in range(plan.restarts_per_round):
                 await asyncio.to_thread(restart_container, pods[restarts % len(pods)][0])
                 restarts += 1
+            await churn_streams(work / "sds.sock", plan.streams_per_round)
+            streams += plan.streams_per_round
             await spire.rotate_now()
             await _envoy_holds(envoy, spire, identities, plan.round_timeout)
             if number > plan.warmup_rounds:
@@ -257,7 +252,7 @@ async def _run(plan: Plan, record_property: RecordProperty, work: Path, envoy_di
         for name, value in [
                 ("pods", len(identities)), ("rounds", plan.rounds),
                 ("warmup_rounds", plan.warmup_rounds), ("rotations", rotations),
-                ("container_restarts", restarts),
+                ("container_restarts", restarts), ("sds_streams_churned", streams),
                 ("rss_start_mb", round(baseline.rss_mb, 1)),
                 ("rss_mid_mb", round(rss_mid / 1024, 1)),
                 ("rss_end_mb", round(final.rss_mb, 1)),
