@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agent.demo.envoy import CertDetails, CertsView
 from agent.demo.envoy import envoy_binary as find_envoy_binary
@@ -83,9 +84,23 @@ def validate_config(config: Path | str | Mapping[str, Any], workdir: Path,
         capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _write_config(config: Path | str | Mapping[str, Any], workdir: Path, stem: str) -> Path:
+def _whole_admin_api(config: str | Mapping[str, Any]) -> str | Mapping[str, Any]:
+    """The config without ``admin.allow_paths``: the shipped configs allow only /ready and
+    /stats/prometheus, and the harness reads /certs, /stats and /config_dump (the
+    restriction itself is tested in tests/sds/test_envoy.py)."""
+    document = yaml.safe_load(config) if isinstance(config, str) else config
+    admin = document.get("admin") if isinstance(document, Mapping) else None
+    if not isinstance(admin, Mapping) or "allow_paths" not in admin:
+        return config
+    return {**document, "admin": {k: v for k, v in admin.items() if k != "allow_paths"}}
+
+
+def _write_config(config: Path | str | Mapping[str, Any], workdir: Path, stem: str,
+                  *, whole_admin_api: bool = False) -> Path:
     if isinstance(config, Path):
         return config
+    if whole_admin_api:
+        config = _whole_admin_api(config)
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(config, str):
         path = workdir / f"{stem}.yaml"
@@ -153,7 +168,8 @@ class EnvoyProcess:
         if self.process is not None:
             raise RuntimeError("this Envoy was already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config_path = _write_config(self.config, self.workdir, "bootstrap")
+        config_path = _write_config(self.config, self.workdir, "bootstrap",
+                                    whole_admin_api=True)
         address_file = self.workdir / "admin-address"
         address_file.unlink(missing_ok=True)
         if self.user is not None:

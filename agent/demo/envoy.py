@@ -95,9 +95,16 @@ def _endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
     return endpoint
 
 
+# What the demo reads from each Envoy's admin API, on top of the shipped allow_paths.
+DEMO_ADMIN_PATHS = ({"exact": "/certs"}, {"exact": "/stats"})
+
+
 def _patch_common(config: dict[str, Any], sds_socket: Path, admin_host: str) -> None:
     admin = _socket_address(config["admin"])
     admin["address"], admin["port_value"] = admin_host, 0
+    allowed = config["admin"].get("allow_paths")
+    if allowed is not None:
+        allowed.extend(dict(p) for p in DEMO_ADMIN_PATHS if p not in allowed)
     sds = _endpoint(_named(config["static_resources"]["clusters"], "spiffe_delegate_sds"))
     if sds["address"]["pipe"]["path"] != SHIPPED_SDS_SOCKET:
         raise KeyError("the SDS socket path moved in the shipped config")

@@ -26,6 +26,8 @@ from typing import Any
 from tests.reliability.scenarios import AREAS, SCENARIOS, Scenario
 
 ROOT = Path(__file__).resolve().parents[2]
+# Everything below this line in docs/reliability.md is written by hand and kept as it is.
+KEEP_MARKER = "<!-- Hand-written from here on: the report script keeps it as it is. -->"
 RESULTS = ROOT / "docs" / "reliability-results.json"
 DOC = ROOT / "docs" / "reliability.md"
 
@@ -113,6 +115,13 @@ def render(data: dict[str, Any], scenarios: Sequence[Scenario] = SCENARIOS) -> s
     return "\n".join(lines)
 
 
+def compose(generated: str, old_doc: str) -> str:
+    """The generated part, then the hand-written tail of the old document (if it has one)."""
+    if KEEP_MARKER not in old_doc:
+        return generated
+    return generated + "\n" + old_doc[old_doc.index(KEEP_MARKER):]
+
+
 def main(argv: Sequence[str]) -> int:
     if not argv or argv[0] not in ("run", "merge", "render") or (
             argv[0] == "merge" and len(argv) != 2):
@@ -126,7 +135,7 @@ def main(argv: Sequence[str]) -> int:
     elif argv[0] == "merge":
         stored = merge(stored, json.loads(Path(argv[1]).read_text()))
         RESULTS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
-    DOC.write_text(render(stored))
+    DOC.write_text(compose(render(stored), DOC.read_text() if DOC.exists() else ""))
     print(f"wrote {DOC.relative_to(ROOT)}")
     failed = [sid for sid, e in stored.get("scenarios", {}).items()
               if any(t["outcome"] in ("failed", "error") for t in e["tests"])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.reliability.report import merge, render
+from tests.reliability.report import KEEP_MARKER, compose, merge, render
 from tests.reliability.scenarios import AREAS, SCENARIOS
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -44,3 +44,11 @@ def test_report_keeps_soak_results_when_the_soak_was_skipped() -> None:
     assert "rss_growth_mb=1.5" in text
     assert "**0/1 passed** (failed: AssertionError: grew)" in text
     assert "not run yet" in text  # every other scenario
+
+
+def test_the_hand_written_tail_of_the_doc_survives_a_new_report() -> None:
+    old = f"# old table\n\n{KEEP_MARKER}\n\n## Findings\nby hand\n"
+    new = compose("# new table\n", old)
+    assert new.startswith("# new table\n") and "old table" not in new
+    assert new.endswith(f"{KEEP_MARKER}\n\n## Findings\nby hand\n")
+    assert compose("# new\n", "# no marker\n") == "# new\n"

@@ -8,14 +8,20 @@ handling). It is not the product's SDS server and must not grow into one.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
@@ -25,6 +31,7 @@ from agent.sds.resources import SECRET_TYPE_URL, select_secrets, use_spiffe_vali
 from tests.envoyproc import (
     EnvoyProcess,
     EnvoyStartError,
+    envoy_binary,
     sds_bootstrap,
     validate_config,
 )
@@ -288,3 +295,52 @@ async def test_node_metadata_switches_envoy_to_trusted_ca(
         assert pki.federated.cert.serial_number not in certs.ca_serials
     finally:
         await server.stop(grace=None)
+
+
+@pytest.mark.parametrize("name", ["node-proxy.yaml", "registry-side.yaml"])
+def test_shipped_admin_api_answers_probes_and_refuses_the_rest(name: str,
+                                                                tmp_path: Path) -> None:
+    """Anything on the host's loopback reaches the admin port (the node proxy runs with
+    hostNetwork): it must not be able to stop Envoy or read its configuration."""
+
+    config = yaml.safe_load((DEPLOY / name).read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = 0
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = 0
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(config))
+    address_file = tmp_path / "admin-address"
+    with open(tmp_path / "envoy.log", "wb") as log:
+        envoy = subprocess.Popen(
+            [str(envoy_binary()), "-c", str(path), "--disable-hot-restart",
+             "--use-dynamic-base-id", "--concurrency", "1",
+             "--admin-address-path", str(address_file), "-l", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = 30.0
+        while not address_file.exists() or not address_file.read_text().strip():
+            assert envoy.poll() is None, (tmp_path / "envoy.log").read_text()[-2000:]
+            deadline -= 0.05
+            assert deadline > 0, "Envoy never wrote its admin address"
+            time.sleep(0.05)
+        base = f"http://{address_file.read_text().strip()}"
+
+        def status(path: str, method: str = "GET") -> int:
+            request = urllib.request.Request(base + path, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+
+        assert status("/ready") in (200, 503)  # 503 while SDS (no agent here) is pending
+        assert status("/stats/prometheus") == 200
+        for path in ("/quitquitquit", "/drain_listeners", "/logging?level=trace",
+                     "/healthcheck/fail", "/reset_counters"):
+            assert status(path, "POST") == 403, path
+        for path in ("/config_dump", "/certs", "/clusters", "/stats"):
+            assert status(path) == 403, path
+        assert envoy.poll() is None, "Envoy stopped"
+    finally:
+        envoy.kill()
+        envoy.wait()
