@@ -220,7 +220,7 @@ def tracing_prelude(prefix: Path) -> str:
     environment of tests/reliability/test_endurance.py."""
     return f"""
 import collections, gc, os, signal, tracemalloc
-_first = []
+_first, _dumps = [], []
 def _counts():
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 def _dump(signum, frame):
@@ -242,9 +242,8 @@ def _dump(signum, frame):
         for stat in snap.statistics("traceback")[:20]:
             lines.append(str(stat))
             lines += ["    " + line for line in stat.traceback.format()[-8:]]
-    n = len([f for f in os.listdir({str(prefix.parent)!r})
-             if f.startswith({prefix.name!r} + ".") and not f.endswith(".tmp")]) + 1
-    path = {str(prefix)!r} + ".%d" % n
+    _dumps.append(1)
+    path = {str(prefix)!r} + ".%d" % len(_dumps)
     with open(path + ".tmp", "w") as out:
         out.write("\\n".join(lines) + "\\n")
     os.replace(path + ".tmp", path)
