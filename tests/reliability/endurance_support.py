@@ -211,35 +211,76 @@ watch.StatePublisher.publish = _leaky_publish
 """
 
 
-def tracing_prelude(prefix: Path) -> str:
+def tracing_prelude(prefix: Path, frames: int = 25) -> str:
     """Python for ``AgentProcess(prelude=...)`` that makes the agent answer SIGUSR1 with a
-    dump (``<prefix>.<n>``). The first starts tracemalloc (25 frames; from the start it
-    would slow the agent's imports by half a minute) and counts live objects by type; the
-    next ones list what was allocated since and is still alive, and which object types
-    grew. For finding a leak the soak reports: ``ENDURANCE_TRACE=/tmp/trace`` in the
-    environment of tests/reliability/test_endurance.py."""
+    dump (``<prefix>.<n>``). The first starts tracemalloc (``frames`` deep, 0: not at all;
+    from the start it would slow the agent's imports by half a minute) and counts live
+    objects by type and pymalloc blocks; the next ones list which object types grew, how
+    many blocks more are allocated, and what was allocated since and is still alive. Each
+    gives RSS before and after ``malloc_trim(0)`` (which it calls: a baseline dump lowers
+    the RSS the test measures from, so compare the dumps' numbers, not the test's). For
+    finding a leak the soak reports: ``ENDURANCE_TRACE=/tmp/trace`` in the environment of
+    tests/reliability/test_endurance.py."""
     return f"""
-import collections, gc, os, signal, tracemalloc
-_first, _dumps = [], []
+import collections, gc, os, signal, sys, tracemalloc
+_first, _dumps, _blocks = [], [], []
 def _counts():
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+def _rss_kb():
+    with open("/proc/self/status") as status:
+        return int(next(l for l in status if l.startswith("VmRSS:")).split()[1])
+def _trim():
+    # What RSS is left once glibc hands free heap pages back: growth that survives this
+    # is memory in use, the rest was free memory malloc kept.
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+def _mappings():
+    # Rss by what is mapped (/proc/self/smaps: a file, [heap], [stack], every anonymous
+    # mapping together -> kB): which kind of memory grew.
+    found, name = {{}}, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                name = head[5] if len(head) > 5 else "[anon]"
+            elif head[0] == "Rss:" and name is not None:
+                found[name] = found.get(name, 0) + int(head[1])
+    return found
+_maps = []
 def _dump(signum, frame):
     gc.collect()
-    lines = []
+    before = _rss_kb()
+    _trim()
+    lines = ["RSS %d kB, %d kB after malloc_trim(0)" % (before, _rss_kb())]
+    maps = _mappings()
+    if not _maps:
+        _maps.append(maps)
+    else:
+        grown = sorted(((kb - _maps[0].get(key, 0), key) for key, kb in maps.items()),
+                       reverse=True)
+        lines.append("--- mappings whose RSS grew (kB) since the first dump")
+        lines += ["%+8d %s" % g for g in grown[:12] if g[0] > 0]
     if not _first:
         _first.append(_counts())
-        tracemalloc.start(25)
-        lines.append("tracing started")
+        _blocks.append(sys.getallocatedblocks())
+        if {frames}:
+            tracemalloc.start({frames})
+        lines.append("first dump; pymalloc blocks: %d" % _blocks[0])
     else:
-        snap = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, tracemalloc.__file__)])
         counts, counts0 = _counts(), _first[0]
-        lines.append("traced (current, peak): %s" % (tracemalloc.get_traced_memory(),))
+        lines.append("pymalloc blocks: %d -> %d" % (_blocks[0], sys.getallocatedblocks()))
         lines.append("--- objects by type, growth since the first dump")
         growth = sorted(((counts[k] - counts0.get(k, 0), k) for k in counts), reverse=True)
         lines += ["%+8d %s" % g for g in growth[:30] if g[0]]
-        lines.append("--- allocated since the first dump and still alive")
-        for stat in snap.statistics("traceback")[:20]:
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]) if {frames} else None
+        if snap is not None:
+            lines.append("traced (current, peak): %s" % (tracemalloc.get_traced_memory(),))
+            lines.append("--- allocated since the first dump and still alive")
+        for stat in snap.statistics("traceback")[:20] if snap is not None else ():
             lines.append(str(stat))
             lines += ["    " + line for line in stat.traceback.format()[-8:]]
     _dumps.append(1)
