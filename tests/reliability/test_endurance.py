@@ -296,10 +296,12 @@ async def _run(plan: Plan, record_property: RecordProperty, work: Path, envoy_di
         ]
         assert not problems, "; ".join(problems) + agent.log_tail(10)
     finally:
-        loop.stop()
-        envoy.stop()
-        agent.stop()
-        await spire.stop(grace=0)
+        # Every one is stopped even if stopping another fails.
+        async with contextlib.AsyncExitStack() as cleanup:
+            cleanup.push_async_callback(spire.stop, grace=0)
+            cleanup.callback(agent.stop)
+            cleanup.callback(envoy.stop)
+            cleanup.callback(loop.stop)
 
 
 def _rejected_updates(envoy: EnvoyProcess) -> int:
