@@ -33,6 +33,7 @@ from agent.config import (
 from agent.coredump import forbid_core_dumps
 from agent.errors import SpiffeDelegateError
 from agent.logs import configure_logging
+from agent.malloc import limit_malloc_arenas
 from agent.sds.limits import SdsLimits
 from agent.sds.names import SdsNames
 
@@ -561,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.command == "run":
         forbid_core_dumps()  # its memory holds SVID private keys
+        limit_malloc_arenas()  # executor threads' arenas grew RSS under pod churn
     try:
         status = asyncio.run(_until_signalled(body))
     except SpiffeDelegateError as exc:
