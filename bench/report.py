@@ -9,6 +9,9 @@ from typing import Any
 from bench.harness import REPO, BenchResult, Row
 from bench.registry import BENCHMARKS
 
+__all__ = ["DOC", "KEEP_MARKER", "REPO", "RESULTS", "load_results", "merge", "render",
+           "table", "write"]
+
 DOC = REPO / "docs" / "performance.md"
 RESULTS = REPO / "docs" / "performance-results.json"
 KEEP_MARKER = "<!-- Hand-written from here on: python -m bench keeps it as it is. -->"
