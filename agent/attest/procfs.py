@@ -31,6 +31,7 @@ log = logging.getLogger("spiffe_delegate.attest")
 # for reads through a /proc/<pid> directory fd whose process has been reaped.
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
 _READ_CHUNK = 65536
+_PARSED_KEPT = 4096
 
 
 class ProcessGone(AttestationError):
@@ -96,6 +97,11 @@ class ProcReader:
 
     def __init__(self, root: Path | str = Path("/proc")) -> None:
         self._root = Path(root)
+        self._prefix = str(self._root) + "/"
+        # Parsed cgroup files by content: a pod's processes share a handful of contents,
+        # and a process's file is the same from one read to the next. The content is
+        # always read afresh; only parsing is saved. Bounded (cleared when full).
+        self._parsed: dict[bytes, CgroupInfo] = {}
 
     @property
     def root(self) -> Path:
@@ -117,7 +123,7 @@ class ProcReader:
         """
         _check_pid(pid)
         try:
-            dir_fd = os.open(self._root / str(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dir_fd = os.open(f"{self._prefix}{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as err:
             raise self._translate(pid, "", err) from err
         try:
@@ -144,7 +150,7 @@ class ProcReader:
     def cgroup(self, pid: int) -> CgroupInfo:
         """The parsed /proc/<pid>/cgroup, conflicts and all (never raises for the content)."""
         _check_pid(pid)
-        return parse_cgroup_file(self._read(pid, "cgroup"))
+        return self._parse_cgroup(self._read(pid, "cgroup"))
 
     def pod_of(self, pid: int) -> str | None:
         """The pod UID of ``pid``, or None when it is not in a pod."""
@@ -188,16 +194,17 @@ class ProcReader:
     def _scan(self, needle: bytes) -> list[tuple[int, CgroupInfo]]:
         """Parses the cgroup file of every process whose raw text contains ``needle``."""
         found: list[tuple[int, CgroupInfo]] = []
+        prefix = self._prefix
         for pid in self.pids():
             try:
-                raw = _read_file(str(self._root / str(pid) / "cgroup"))
+                raw = _read_file(f"{prefix}{pid}/cgroup")
             except OSError as err:
                 if err.errno not in _GONE_ERRNOS:
                     log.debug("skipping pid %d: cannot read its cgroup file: %s", pid, err)
                 continue
             if needle not in raw:
                 continue
-            info = parse_cgroup_file(raw)
+            info = self._parse_cgroup(raw)
             if info.status is CgroupStatus.POD:
                 found.append((pid, info))
             elif not info.attestable:
@@ -206,8 +213,17 @@ class ProcReader:
 
     # -- helpers -----------------------------------------------------------------------
 
+    def _parse_cgroup(self, raw: bytes) -> CgroupInfo:
+        info = self._parsed.get(raw)
+        if info is None:
+            info = parse_cgroup_file(raw)
+            if len(self._parsed) >= _PARSED_KEPT:
+                self._parsed.clear()
+            self._parsed[raw] = info
+        return info
+
     def _interpret(self, pid: int, raw: bytes) -> CgroupInfo:
-        info = parse_cgroup_file(raw)
+        info = self._parse_cgroup(raw)
         if info.status is CgroupStatus.CONFLICT:
             raise AmbiguousCgroup(pid, info.detail)
         if info.status is CgroupStatus.INVALID:
@@ -217,7 +233,7 @@ class ProcReader:
 
     def _read(self, pid: int, name: str) -> bytes:
         try:
-            return _read_file(str(self._root / str(pid) / name))
+            return _read_file(f"{self._prefix}{pid}/{name}")
         except OSError as err:
             raise self._translate(pid, name, err) from err
 
@@ -239,7 +255,13 @@ def _read_file(path: str, dir_fd: int | None = None) -> bytes:
     """The whole file (proc files may need several reads)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        chunks: list[bytes] = []
+        first = os.read(fd, _READ_CHUNK)
+        if len(first) < _READ_CHUNK:
+            # A short read is the end: /proc's seq files hand out everything they have
+            # up to the size asked (and regular files stop short only at their end).
+            # That saves one read per file, a third of the system calls of a scan.
+            return first
+        chunks = [first]
         while chunk := os.read(fd, _READ_CHUNK):
             chunks.append(chunk)
         return b"".join(chunks)
@@ -276,12 +298,13 @@ def _parse_stat(pid: int, raw: bytes) -> tuple[str, int]:
 
 def _parse_real_uid(pid: int, raw: bytes) -> int:
     """The real uid: the first number of the ``Uid:`` line of /proc/<pid>/status."""
-    for line in raw.split(b"\n"):
-        if line.startswith(b"Uid:"):
-            values = line[4:].split()
-            if values and values[0].isdigit():
-                return int(values[0])
-            break
+    # The first line that starts with "Uid:" (found without splitting the whole file).
+    start = 0 if raw.startswith(b"Uid:") else raw.find(b"\nUid:") + 1
+    if start > 0 or raw.startswith(b"Uid:"):
+        end = raw.find(b"\n", start)
+        values = raw[start + 4:end if end >= 0 else None].split()
+        if values and values[0].isdigit():
+            return int(values[0])
     raise ProcUnreadable(f"/proc/{pid}/status has no valid Uid line")
 
 
