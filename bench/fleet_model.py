@@ -39,7 +39,9 @@ SVID_CACHE_MAX = 1_000  # SPIRE agent x509_svid_cache_max_size default (soft lim
 # spiffe-delegate's own streams per node besides workloads': its own X.509-SVIDs, X.509
 # bundles twice (the cache's and the own-identity follower's), JWT bundles (agent/runner.py).
 FIXED_STREAMS = 4
-SDS_STREAMS_PER_POD = 1  # one SDS stream (one TLS certificate watch) per pod served
+# SDS streams per pod watching the trust bundle (ROOTCA/ALL): a bundle change is pushed to
+# those only; a response identical to what Envoy holds is not sent (agent/sds/sotw.py).
+BUNDLE_WATCHERS_PER_POD = 1
 REATTEST_INTERVAL_S = 60.0  # identity mode: CacheSettings.reattest_interval (a test pins it)
 
 RESULTS = REPO / "docs" / "performance-results.json"
@@ -71,7 +73,7 @@ class Fleet:
     server_reload_s: float = SERVER_CACHE_RELOAD_S
     cache_max: int = SVID_CACHE_MAX
     fixed_streams: int = FIXED_STREAMS
-    sds_streams_per_pod: int = SDS_STREAMS_PER_POD
+    bundle_watchers_per_pod: int = BUNDLE_WATCHERS_PER_POD
     reattest_s: float = REATTEST_INTERVAL_S
 
     def __post_init__(self) -> None:
@@ -129,7 +131,7 @@ class Fleet:
 
     def sds_pushes_per_bundle_update(self) -> int:
         """spiffe-delegate -> Envoy pushes for one bundle change, fleet-wide (both modes)."""
-        return self.nodes * self.pods * self.sds_streams_per_pod
+        return self.nodes * self.pods * self.bundle_watchers_per_pod
 
     def remint_after_agent_restart(self, mode: Mode) -> int:
         """SVIDs re-signed when every SPIRE agent restarts once (workload SVIDs live in the
@@ -264,10 +266,11 @@ def fleet_idle_cores(fleet: Fleet, inputs: Inputs) -> float:
 
 
 def node_fanout_s(fleet: Fleet, inputs: Inputs) -> float:
-    """One bundle change to every SDS stream on a node, scaled linearly from the fan-out
-    benchmark (its stream count to this node's)."""
+    """One bundle change to every SDS stream watching it on a node, scaled linearly from the
+    fan-out benchmark (its stream count to this node's)."""
     streams = max(1.0, inputs["fanout.streams"])
-    return inputs["fanout.fanout_seconds_p50"] * fleet.pods * fleet.sds_streams_per_pod / streams
+    watchers = fleet.pods * fleet.bundle_watchers_per_pod
+    return inputs["fanout.fanout_seconds_p50"] * watchers / streams
 
 
 def bundle_reaches_envoys_s(fleet: Fleet, inputs: Inputs) -> float:
