@@ -164,16 +164,17 @@ ASSUMED: dict[str, Assumed] = {
                                              "memory.rss_kb_per_svid x 100 fewer SVIDs"),
     "fanout.fanout_seconds_p50": Assumed(1.0, "a guess"),
     "fanout.streams": Assumed(1_000.0, "the fan-out benchmark's size"),
-    "first_svid.first_svid_p50_ms": Assumed(10.0, "a guess"),
+    "first_svid.first_svid_cold_p50_ms": Assumed(20.0, "a guess"),
     "rotation.sds_rotation_p50_ms": Assumed(10.0, "a guess"),
     "cold_start.cold_start_p50_ms": Assumed(1_000.0, "a guess"),
 }
 
-# Read as figures when present; the model's arithmetic does not depend on them.
-OPTIONAL = ("memory.rss_mb_1000_svids", "identity_mode.spire_streams_per_pod",
+# Read as figures when present. ``memory.pods[0]``: the pod count rss_mb_110_pods was
+# measured at (110 at full size, fewer with --quick).
+OPTIONAL = ("memory.pods[0]", "memory.rss_mb_1000_svids", "identity_mode.spire_streams_per_pod",
             "identity_mode.spire_streams_identity", "identity_mode.svids_per_pod",
             "identity_mode.svids_identity", "fanout.identities",
-            "first_svid.first_svid_cold_p50_ms")
+            "first_svid.first_svid_p50_ms")
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,14 @@ class Inputs:
         return [key for key, source in self.sources.items() if source.startswith("assumed")]
 
 
-def _number(value: Any) -> float | None:
+def _number(details: Mapping[str, Any], name: str) -> float | None:
+    """``details[name]`` as a number; ``name[0]`` reads the first item of a list."""
+    value: Any
+    if name.endswith("[0]"):
+        items = details.get(name[:-3])
+        value = items[0] if isinstance(items, list) and items else None
+    else:
+        value = details.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
@@ -208,13 +216,13 @@ def gather(earlier: Mapping[str, BenchResult], stored: Mapping[str, Any]) -> Inp
         bench_id, name = key.split(".", 1)
         result = earlier.get(bench_id)
         if result is not None and not result.error:
-            found = _number(result.details.get(name))
+            found = _number(result.details, name)
             if found is not None:
                 values[key], sources[key] = found, f"measured ({bench_id})"
                 continue
         entry = stored.get(bench_id)
         if isinstance(entry, dict) and not entry.get("error"):
-            found = _number(entry.get("details", {}).get(name))
+            found = _number(entry.get("details", {}), name)
             if found is not None:
                 when = entry.get("when", "?")
                 values[key] = found
@@ -248,10 +256,12 @@ def saved_mb_per_folded_pod(inputs: Inputs) -> float:
 
 
 def rss_mb_per_node(fleet: Fleet, inputs: Inputs, mode: Mode) -> float:
-    """spiffe-delegate's RSS on one node: measured at 110 pods, moved by the per-SVID slope
-    for another pod count; identity mode takes off what each folded pod saves."""
+    """spiffe-delegate's RSS on one node: measured at 110 pods (or as many as the memory
+    benchmark ran), moved by the per-SVID slope to the fleet's pod count; identity mode
+    takes off what each folded pod saves."""
+    measured_at = inputs.get("memory.pods[0]") or 110.0
     per_pod = (inputs["memory.rss_mb_110_pods"]
-               + (fleet.pods - 110) * inputs["memory.rss_kb_per_svid"] / 1024)
+               + (fleet.pods - measured_at) * inputs["memory.rss_kb_per_svid"] / 1024)
     if mode is Mode.PER_POD:
         return per_pod
     return per_pod - (fleet.pods - fleet.identities) * saved_mb_per_folded_pod(inputs)
@@ -365,6 +375,14 @@ def notes(fleet: Fleet, inputs: Inputs) -> list[str]:
         f"{fleet.reattest_s:.0f} s ({_fmt(fleet.attestations_per_min(i))} PID attestations a "
         "minute per SPIRE agent), local to the node: the k8s workload attestor reuses its "
         "kubelet pod list for half its poll_retry_interval (250 ms by default).",
+        "Latencies stay per node (nodes work in parallel): a new pod's first SVID "
+        f"{_fmt(inputs['first_svid.first_svid_cold_p50_ms'])} ms (cold: attestation, a new "
+        "SPIRE subscription, the mint), a rotation reaching Envoy "
+        f"{_fmt(inputs['rotation.sds_rotation_p50_ms'])} ms, a cold start to Envoy holding "
+        f"its certificate {_fmt(inputs['cold_start.cold_start_p50_ms'])} ms (p50s). A bundle "
+        "change reaches every Envoy in the fleet within the SPIRE server's cache reload plus "
+        f"the agents' sync plus one node's fan-out: {_fmt(bundle_reaches_envoys_s(fleet, inputs))} "
+        "s at worst.",
         "Inputs (this run's results, else docs/performance-results.json, else an assumption "
         "named as such):",
         "\n".join(inputs_table(inputs)),

@@ -14,7 +14,7 @@ from bench.harness import BenchResult, Context, Row
 PER_POD, IDENTITY = fm.Mode.PER_POD, fm.Mode.IDENTITY
 
 
-def measured(**details: float) -> dict[str, BenchResult]:
+def measured(**details: object) -> dict[str, BenchResult]:
     """ctx.earlier with each ``bench.key=value`` as that benchmark's details."""
     earlier: dict[str, BenchResult] = {}
     for key, value in details.items():
@@ -103,6 +103,13 @@ def test_memory_per_node_and_fleet() -> None:
     assert fm.rss_mb_per_node(fleet, figures, PER_POD) == 100 + 10 * 0.5 == 105
     assert fm.rss_mb_per_node(fleet, figures, IDENTITY) == 105 - 110 * 0.5 == 50
     assert fm.fleet_memory_gib(fm.Fleet(), figures, PER_POD) == pytest.approx(100 * 5_000 / 1024)
+
+
+def test_memory_is_moved_from_the_pod_count_it_was_measured_at() -> None:
+    figures = fm.gather(measured(memory__rss_mb_110_pods=60.0, memory__rss_kb_per_svid=1024,
+                                 memory__pods=[10, 100]), {})
+    assert figures["memory.pods[0]"] == 10
+    assert fm.rss_mb_per_node(fm.Fleet(), figures, PER_POD) == 60 + 100 * 1.0
 
 
 def test_memory_saving_falls_back_to_one_svid() -> None:
