@@ -11,9 +11,12 @@ with one JSON line on stdout (times in milliseconds, measured here, in the pod):
   connection to ``--floor``), a new stream on an open connection to the agent, then the
   same two on new connections; keeps one anchor stream open on its own connection
   throughout (an Envoy holds its streams), so the pod stays watched;
+* ``use SOCKET``: the agent's socket from now on;
+* ``hold``: a stream for ``--names`` (the client's own SVID), kept open;
 * ``workloads UID,UID,...``: a trusted proxy's streams, one per pod UID asking for
-  ``workload:<uid>``, all opened at once; the time until every one has its first
-  response, and how many got one;
+  ``workload:<uid>``, all opened at once and kept open; the time until every one has its
+  first response;
+* ``release``: closes the streams ``hold`` and ``workloads`` keep;
 * ``quit``.
 """
 
@@ -111,31 +114,64 @@ async def warm(args: argparse.Namespace, rounds: int) -> dict[str, list[float]]:
     return out
 
 
-async def workloads(args: argparse.Namespace, uids: list[str]) -> dict[str, Any]:
-    """One stream per pod on one connection, all at once (a ztunnel-style proxy)."""
-    async with grpc.aio.insecure_channel(f"unix:{args.sds}") as channel:
-        calls = [sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets()
-                 for _ in uids]
-        t0 = time.perf_counter()
+class Held:
+    """Streams kept open between commands (a proxy holds its streams)."""
 
-        async def one(call: Any, uid: str) -> float:
-            await call.write(_request([f"workload:{uid}"]))
-            response = await asyncio.wait_for(call.read(), _TIMEOUT * 2)
-            if response is EOF:
-                raise RuntimeError(f"{uid}: {await call.code()} {await call.details()}")
-            return (time.perf_counter() - t0) * 1000
+    def __init__(self) -> None:
+        self.channels: list[grpc.aio.Channel] = []
+        self.calls: list[Any] = []
 
-        try:
-            times = await asyncio.gather(*(one(c, u) for c, u in zip(calls, uids, strict=True)))
-        finally:
-            for call in calls:
-                call.cancel()
+    def channel(self, socket: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"unix:{socket}")
+        self.channels.append(channel)
+        return channel
+
+    async def release(self) -> dict[str, int]:
+        count = len(self.calls)
+        for call in self.calls:
+            call.cancel()
+        for channel in self.channels:
+            await channel.close(None)
+        self.calls.clear()
+        self.channels.clear()
+        return {"released": count}
+
+
+async def hold(args: argparse.Namespace, held: Held) -> dict[str, float]:
+    """The client's own stream (``--names``), kept open; the time to its first response."""
+    call = sds_pb2_grpc.SecretDiscoveryServiceStub(held.channel(args.sds)).StreamSecrets()
+    held.calls.append(call)
+    t0 = time.perf_counter()
+    await call.write(_request(args.names.split(",")))
+    response = await asyncio.wait_for(call.read(), _TIMEOUT)
+    if response is EOF:
+        raise RuntimeError(f"stream ended: {await call.code()} {await call.details()}")
+    return {"ms": (time.perf_counter() - t0) * 1000}
+
+
+async def workloads(args: argparse.Namespace, uids: list[str], held: Held) -> dict[str, Any]:
+    """One stream per pod, all opened at once on one connection (a ztunnel-style proxy),
+    kept open; the time until every one has had its first response."""
+    stub = sds_pb2_grpc.SecretDiscoveryServiceStub(held.channel(args.sds))
+    calls = [stub.StreamSecrets() for _ in uids]
+    held.calls.extend(calls)
+    t0 = time.perf_counter()
+
+    async def one(call: Any, uid: str) -> float:
+        await call.write(_request([f"workload:{uid}"]))
+        response = await asyncio.wait_for(call.read(), _TIMEOUT * 2)
+        if response is EOF:
+            raise RuntimeError(f"{uid}: {await call.code()} {await call.details()}")
+        return (time.perf_counter() - t0) * 1000
+
+    times = await asyncio.gather(*(one(c, u) for c, u in zip(calls, uids, strict=True)))
     return {"all_ms": max(times), "each_ms": list(times), "served": len(times)}
 
 
 async def serve(args: argparse.Namespace) -> None:
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
+    held = Held()
     while True:
         line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if not line or line == "quit":
@@ -148,8 +184,15 @@ async def serve(args: argparse.Namespace) -> None:
                     args.sds, lambda ch: _stream_ms(ch, args.names.split(",")))}
             elif command == "warm":
                 result = await warm(args, int(rest))
+            elif command == "use":
+                args.sds = rest
+                result = {"sds": rest}
+            elif command == "hold":
+                result = await hold(args, held)
             elif command == "workloads":
-                result = await workloads(args, rest.split(","))
+                result = await workloads(args, rest.split(","), held)
+            elif command == "release":
+                result = await held.release()
             else:
                 result = {"error": f"unknown command {command!r}"}
         except Exception as exc:  # reported to the benchmark, which fails with it

@@ -1,14 +1,22 @@
-"""dev-spire (in-process) for the benchmarks, its entries, and a raw gRPC floor server."""
+"""dev-spire (in-process) for the benchmarks, its entries, a raw gRPC floor server, and the
+agent as a child process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devspire import DevSpire, DevSpireSettings
 
@@ -74,3 +82,70 @@ async def start_floor(socket: Path) -> grpc.aio.Server:
     server.add_insecure_port(f"unix:{socket}")
     await server.start()
     return server
+
+
+@dataclass
+class AgentChild:
+    """``spiffe-delegate run`` as a child process (its RSS and CPU are its own).
+
+    ``args`` are the options after ``run``; its log goes to ``log_path``; its metrics are
+    served on ``metrics_port``. ``prelude``: Python run in it before the agent starts."""
+
+    args: Sequence[str]
+    log_path: Path
+    metrics_port: int
+    prelude: str | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        options = [*self.args, "--metrics-address", f"127.0.0.1:{self.metrics_port}"]
+        if self.prelude is None:
+            command = [sys.executable, "-m", "agent", "run", *options]
+        else:
+            code = (self.prelude + "\nimport sys\nfrom agent.cli import main\n"
+                    "sys.argv = ['spiffe-delegate', *sys.argv[1:]]\nsys.exit(main())\n")
+            command = [sys.executable, "-c", code, "run", *options]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the agent was not started"
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        assert self.process is not None, "the agent was not started"
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the agent exited with status {self.process.returncode}"
+                               + self.log_tail())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n--- agent log (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+    def metric_sum(self, name: str) -> float:
+        """The sum of every sample of metric ``name`` (all labels), from one scrape."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples if sample.name == name)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``. Idempotent."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(timeout)
