@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Mapping
@@ -30,7 +29,9 @@ def limit_malloc_arenas(arenas: int = ARENAS,
     if "MALLOC_ARENA_MAX" in env:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The process's own symbols (libc among them): ctypes.util.find_library would
+        # run ldconfig in a subprocess, opening /dev/null and forking the agent.
+        libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
