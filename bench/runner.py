@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         report.write(report.merge(results, machine(), when, total))
         print(f"wrote {report.DOC.relative_to(report.REPO)}")
+        from bench.fleet_model import update_scale_doc
+
+        if update_scale_doc():
+            print("wrote docs/scale.md (the fleet model's numbers)")
     failed = [r.id for r in results if r.error]
     return 1 if failed else 0
 
