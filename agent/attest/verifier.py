@@ -59,6 +59,7 @@ from agent.model import Selector, X509SvidUpdate
 
 __all__ = [
     "ATTESTATION_RESULTS",
+    "PodScans",
     "PodTarget",
     "ProcessTarget",
     "Target",
@@ -211,6 +212,67 @@ def _describe(identity: ProcessIdentity) -> str:
     return f"start time {identity.start_time}, {where}, container {container}"
 
 
+class PodScans:
+    """Which processes each pod has, with lookups made at the same time sharing /proc scans.
+
+    Finding a pod's processes reads the cgroup file of every process on the node. When many
+    pods are looked up at once (a trusted proxy asking for every pod it serves, an agent
+    restarting under load), one scan each would cost pods x processes reads. Here a lookup
+    joins the next scan to start, never one already running (a process that appeared
+    after that scan began must be seen), and every lookup that joined a scan is answered
+    from it: a burst costs one or two scans. Scans run in a thread (one at a time).
+
+    Pass one object to every verifier of an agent (``X509Verifier(scans=...)``) to share
+    it; a verifier without one makes its own, which coalesces only its own lookups.
+    """
+
+    def __init__(self, reader: ProcReader) -> None:
+        self._reader = reader
+        self._next: asyncio.Future[dict[str, list[int]]] | None = None
+        self._scanner: asyncio.Task[None] | None = None
+        self.scans = 0  # scans made (for tests and benchmarks)
+
+    async def pids_of_pod(self, pod_uid: str) -> list[int]:
+        """Live PIDs of pod ``pod_uid``, ascending, from a scan started after this call."""
+        if not is_pod_uid(pod_uid):
+            raise ValueError(f"{pod_uid!r} is not a pod UID "
+                             "(lower-case hex 8-4-4-4-12 with dashes)")
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next.add_done_callback(_retrieve)
+        if self._scanner is None:
+            self._scanner = asyncio.create_task(self._scan_while_asked(), name="pod scans")
+        # shield: one caller's cancellation must not fail the others' scan.
+        pods = await asyncio.shield(self._next)
+        return list(pods.get(pod_uid, ()))
+
+    async def _scan_while_asked(self) -> None:
+        try:
+            while self._next is not None:
+                answer, self._next = self._next, None
+                self.scans += 1
+                try:
+                    pods = await asyncio.to_thread(self._reader.pods)
+                except asyncio.CancelledError:
+                    answer.cancel()
+                    raise
+                except Exception as exc:  # each waiting lookup raises it
+                    if not answer.done():
+                        answer.set_exception(exc)
+                    continue
+                if not answer.done():
+                    answer.set_result(pods)
+        finally:
+            self._scanner = None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a scan's failure as seen even when every lookup waiting for it was cancelled
+    (asyncio would log it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class _Pin:
     """One pinned process: its identity, its pidfd, and whether it is still the same."""
 
@@ -354,9 +416,11 @@ class X509Verifier:
         settings: VerifierSettings | None = None,
         stats: VerifierStats | None = None,
         logger: logging.Logger | None = None,
+        scans: PodScans | None = None,
     ) -> None:
         self._client = client
         self._reader = reader
+        self._scans = scans if scans is not None else PodScans(reader)
         self.target = target
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._settings = settings if settings is not None else VerifierSettings()
@@ -506,8 +570,7 @@ class X509Verifier:
                 else:
                     self._set_orphaned(False)
                     return pin
-            pids = await asyncio.to_thread(self._candidates, target.pod_uid,
-                                           target.container_id)
+            pids = await self._candidates(target.pod_uid, target.container_id)
             # Processes SPIRE did not answer about come last (still tried: it may).
             pids = ([pid for pid in pids if not self._was_unanswered(pid)]
                     + [pid for pid in pids if self._was_unanswered(pid)])
@@ -529,13 +592,18 @@ class X509Verifier:
             self._set_orphaned(True)
             await self._clock.sleep(self._settings.rescan_interval)
 
-    def _candidates(self, pod_uid: str, container_id: str | None = None) -> list[int]:
+    async def _candidates(self, pod_uid: str, container_id: str | None = None) -> list[int]:
         """The pod's PIDs in the order to try them: each container's oldest process, and
         the container that started first (in Kubernetes, the pause sandbox, which SPIRE's
         k8s attestor cannot find among the pod's containers) last; then the others.
         With ``container_id``, that container's processes only, oldest first."""
+        pids = await self._scans.pids_of_pod(pod_uid)
+        # A thread: a pod may have many processes, each one more cgroup file to read.
+        return await asyncio.to_thread(self._order, pids, container_id)
+
+    def _order(self, pids: list[int], container_id: str | None) -> list[int]:
         by_container: dict[str, list[int]] = {}
-        for pid in self._reader.pids_of_pod(pod_uid):
+        for pid in pids:
             try:
                 container = self._reader.cgroup(pid).container_id or ""
             except AttestationError:
@@ -650,7 +718,7 @@ class X509Verifier:
         target = self.target
         if not isinstance(target, PodTarget):
             return False
-        pids = await asyncio.to_thread(self._candidates, target.pod_uid, target.container_id)
+        pids = await self._candidates(target.pod_uid, target.container_id)
         return any(pid != pin.identity.pid and not self._was_unanswered(pid) for pid in pids)
 
     def _report_stall(self, pin: _Pin) -> None:
