@@ -111,6 +111,11 @@ class ExpiryMonitor:
                 times.append(tracked.recheck_at)
         return min(times) if times else None
 
+    async def _sleep_until(self, due: float) -> None:
+        # The delay is taken when the sleep starts, not when its task was made: the clock
+        # may have moved in between (a test's clock jumps; a busy loop runs late).
+        await self._clock.sleep(max(due - self._clock.time(), 0.0))
+
     async def run(self) -> None:
         """Runs until cancelled."""
         while True:
@@ -120,8 +125,7 @@ class ExpiryMonitor:
             wake = asyncio.ensure_future(self._wakeup.wait())
             waits: set[asyncio.Future[Any]] = {wake}
             if due is not None:
-                waits.add(asyncio.ensure_future(
-                    self._clock.sleep(max(due - self._clock.time(), 0.0))))
+                waits.add(asyncio.ensure_future(self._sleep_until(due)))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:

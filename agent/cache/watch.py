@@ -72,7 +72,10 @@ class StatePublisher:
     def __init__(self, versions: Iterator[int]) -> None:
         self._versions = versions
         self._latest: CacheState | None = None
-        self._changed = asyncio.Event()
+        # One bare future per waiting reader, resolved on the next change. (An Event per
+        # reader, or a task per wait, costs several loop callbacks per wake-up; a rotation
+        # wakes every stream's watches at once, so a wake-up must be one callback.)
+        self._waiters: set[asyncio.Future[None]] = set()
         self._closed = False
 
     @property
@@ -105,8 +108,19 @@ class StatePublisher:
         self._wake()
 
     def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self, also: asyncio.Future[None] | None = None) -> None:
+        """Returns after the next publish or close (or once ``also`` is resolved)."""
+        waiter = also if also is not None else asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
 
     async def next(self, after_version: int) -> CacheState:
         while True:
@@ -115,8 +129,7 @@ class StatePublisher:
             latest = self._latest
             if latest is not None and latest.version > after_version:
                 return latest
-            changed = self._changed
-            await changed.wait()
+            await self.changed()
 
 
 class Watch:
@@ -134,35 +147,41 @@ class Watch:
         self.key = key
         self._publisher = publisher
         self._on_close: Callable[[Watch], None] | None = on_close
-        self._closed = asyncio.Event()
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set() or self._publisher.closed
+        return self._closed or self._publisher.closed
 
     def latest(self) -> CacheState | None:
         """The current state without waiting (None before the first one)."""
         return self._publisher.latest
 
     async def next(self, after_version: int = 0) -> CacheState:
-        if self._closed.is_set():
-            raise WatchClosed(f"watch on {self.key} is closed")
-        wanted = asyncio.ensure_future(self._publisher.next(after_version))
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({wanted, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not wanted.done():
-                wanted.cancel()
-        if wanted.done() and not wanted.cancelled():
-            return wanted.result()
-        raise WatchClosed(f"watch on {self.key} is closed")
+        publisher = self._publisher
+        while True:
+            if self._closed:
+                raise WatchClosed(f"watch on {self.key} is closed")
+            if publisher.closed:
+                raise WatchClosed("the cache entry was closed")
+            latest = publisher.latest
+            if latest is not None and latest.version > after_version:
+                return latest
+            # One future, resolved by the publisher's next change or by close().
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await publisher.changed(self._waiter)
+            finally:
+                self._waiter = None
 
     def close(self) -> None:
-        if self._closed.is_set():
+        if self._closed:
             return
-        self._closed.set()
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close(self)

@@ -1,6 +1,8 @@
 """Pure functions that turn SVIDs and bundles into Envoy SDS Secrets, shaped as SPIRE's are.
 
-Nothing here does I/O or keeps state. Key bytes are never logged and never put in an
+Nothing here does I/O or keeps state, but for one memo: an SVID's PEM chain and key,
+kept for as long as that SVID object lives (a rotation to 1,000 streams converts each
+SVID once, not once per stream). Key bytes are never logged and never put in an
 exception message: errors name the SVID by its SPIFFE ID only.
 
 Deliberate differences from SPIRE's ``buildResponse`` (``pkg/agent/endpoints/sdsv3``):
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
+from weakref import WeakKeyDictionary
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -48,6 +51,7 @@ __all__ = [
     "spiffe_validation_disabled",
     "spiffe_validation_secret",
     "supports_spiffe_validator",
+    "svid_pem",
     "tls_certificate_secret",
     "trusted_ca_secret",
     "use_spiffe_validator",
@@ -96,12 +100,28 @@ def _inline(data: bytes) -> base_pb2.DataSource:
     return base_pb2.DataSource(inline_bytes=data)
 
 
-def tls_certificate_secret(name: str, svid: X509Svid) -> secret_pb2.Secret:
-    """A ``tls_certificate`` Secret: PEM chain (leaf first) and PEM PKCS#8 key."""
+# PEM (chain, key) per SVID object, dropped with it: the SVIDs of the cache's states are
+# shared by every stream that serves them. Only successful conversions are kept.
+_PEM_BY_SVID: WeakKeyDictionary[X509Svid, tuple[bytes, bytes]] = WeakKeyDictionary()
+
+
+def svid_pem(svid: X509Svid) -> tuple[bytes, bytes]:
+    """The SVID's PEM chain (leaf first) and PEM PKCS#8 key; ValueError names the SVID."""
+    try:
+        return _PEM_BY_SVID[svid]
+    except KeyError:
+        pass
     if not svid.cert_chain:
         raise ValueError(f"SVID {svid.spiffe_id} has an empty certificate chain")
-    chain = pem_certificates(svid.cert_chain, f"certificate of SVID {svid.spiffe_id}")
-    key = pem_private_key(svid.private_key, f"SVID {svid.spiffe_id}")
+    pem = (pem_certificates(svid.cert_chain, f"certificate of SVID {svid.spiffe_id}"),
+           pem_private_key(svid.private_key, f"SVID {svid.spiffe_id}"))
+    _PEM_BY_SVID[svid] = pem
+    return pem
+
+
+def tls_certificate_secret(name: str, svid: X509Svid) -> secret_pb2.Secret:
+    """A ``tls_certificate`` Secret: PEM chain (leaf first) and PEM PKCS#8 key."""
+    chain, key = svid_pem(svid)
     return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
         certificate_chain=_inline(chain), private_key=_inline(key)))
 

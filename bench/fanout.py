@@ -1,0 +1,284 @@
+"""Fan-out: one rotation of 100 identities reaching 1,000 SDS streams of a trusted proxy.
+
+The product's shape (docs/sds.md, ``workload:<pod uid>``): one trusted proxy on the node
+asks for the SVIDs of the pods it fronts, here 10 streams for each of 100 pods. The pods
+are real processes in real kubepods cgroups (agent/podsim.py, root only), each with its
+own registration entry (``k8s:pod-uid``) in dev-spire; the agent runs as its own process
+(``python -m agent run``), the 1,000 client streams in a third process running as the
+proxy's uid (``bench/fanout_client.py``), dev-spire in this one.
+
+A rotation is ``DevSpire.rotate_now()``: every cached SVID re-minted and pushed. Its time
+runs from just before that call to the moment the last of the 1,000 streams receives its
+new response (client side, CLOCK_MONOTONIC, shared by the processes). The floor, measured
+in the same run: building the 100 Secrets and 1,000 DiscoveryResponses and serializing
+them (``SerializeToString``), the least any server must do to send them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import REPO, BenchResult, Context, Row
+
+TD = "example.org"
+PROXY_ID = f"spiffe://{TD}/ns/bench/sa/trusted-proxy"
+PROXY_UID = 2131  # the client process runs as this uid; its entry is unix:uid:PROXY_UID
+STREAMS_PER_IDENTITY = 10
+CHANNELS = 4
+TARGET_SECONDS = 1.0
+ROUND_TIMEOUT = 60.0
+# FANOUT_PROFILE=/path/prefix: the agent runs under cProfile during the rotations only and
+# writes /path/prefix.agent.txt (top entries by cumulative and by own time).
+PROFILE_ENV = "FANOUT_PROFILE"
+PRELUDE_ENV = "FANOUT_AGENT_PRELUDE"
+_PROFILER_PRELUDE = """
+import cProfile, io, pstats, signal
+_bench_profile = cProfile.Profile()
+_bench_state = {"on": False}
+def _bench_toggle(signum, frame):
+    if not _bench_state["on"]:
+        _bench_profile.enable()
+        _bench_state["on"] = True
+        return
+    _bench_profile.disable()
+    _bench_state["on"] = False
+    out = io.StringIO()
+    stats = pstats.Stats(_bench_profile, stream=out)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(30)
+    with open(%r, "w") as f:
+        f.write(out.getvalue())
+signal.signal(signal.SIGUSR2, _bench_toggle)
+"""
+
+
+def run(ctx: Context) -> BenchResult:
+    return asyncio.run(_run(ctx))
+
+
+def _pod_id(index: int) -> str:
+    return f"spiffe://{TD}/ns/bench/sa/pod-{index}"
+
+
+def _prelude(profile: str) -> str | None:
+    """Python run in the agent's process first: the profiler, and FANOUT_AGENT_PRELUDE's
+    file (a what-if: e.g. a change proposed for a module this benchmark does not own)."""
+    parts = [_PROFILER_PRELUDE % f"{profile}.agent.txt"] if profile else []
+    if extra := os.environ.get(PRELUDE_ENV):
+        parts.append(Path(extra).read_text())
+    return "\n".join(parts) or None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = raw[raw.rfind(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serialize_floor(identities: int, streams: int, repeats: int) -> list[float]:
+    """Seconds to build ``identities`` Secrets and ``streams`` DiscoveryResponses (each
+    identity's Secret in ``streams // identities`` of them) and serialize them all."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from agent.sds.resources import SECRET_TYPE_URL, tls_certificate_secret
+    from tests.sds.pki import make_ca, make_svid
+
+    ca = make_ca(TD)
+    svids = [make_svid(ca, _pod_id(i)) for i in range(identities)]
+    per = streams // identities
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        secrets = [tls_certificate_secret(f"workload:{i}", svid) for i, svid in enumerate(svids)]
+        out = 0
+        for secret in secrets:
+            for _ in range(per):
+                response = discovery_pb2.DiscoveryResponse(
+                    version_info="12345", nonce=os.urandom(4).hex(), type_url=SECRET_TYPE_URL)
+                response.resources.add().Pack(secret)
+                out += len(response.SerializeToString())
+        samples.append(time.perf_counter() - started)
+        assert out > 0
+    return samples
+
+
+class ClientProcess:
+    """bench/fanout_client.py as the proxy's uid; reads its JSON lines."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, socket: Path, uids: list[str], repeat: int) -> ClientProcess:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise RuntimeError("setpriv (util-linux) is needed to run the clients as a user")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+        process = await asyncio.create_subprocess_exec(
+            setpriv, f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            sys.executable, "-m", "bench.fanout_client", "--socket", str(socket),
+            "--channels", str(CHANNELS), "--repeat", str(repeat),
+            *(f"workload:{uid}" for uid in uids),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env)
+        return cls(process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def round(self, number: int, timeout: float = ROUND_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.process.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the client process exited ({await self.process.wait()})")
+                record: dict[str, Any] = json.loads(line)
+                if "error" in record:
+                    raise RuntimeError(f"the client failed: {record['error']}")
+                if record["round"] == number:
+                    return record
+                if record["round"] > number:
+                    raise RuntimeError(f"round {record['round']} came before round {number}")
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        await self.process.wait()
+
+
+async def _run(ctx: Context) -> BenchResult:
+    from agent.devspire import DevSpire, DevSpireSettings
+    from agent.podsim import FakePod, create_pod
+    from tests.reliability.endurance_support import AgentProcess
+    from tests.sds_server.conftest import entry, write_entries
+    from tests.waiting import eventually
+
+    identities = ctx.size(100, 10)
+    streams = identities * STREAMS_PER_IDENTITY
+    rotations = ctx.size(8, 3)
+    profile = os.environ.get(PROFILE_ENV, "")
+    work = ctx.workdir
+    work.chmod(0o755)  # the client (another uid) must reach the SDS socket
+    pods: list[FakePod] = []
+    spire: DevSpire | None = None
+    agent: AgentProcess | None = None
+    client: ClientProcess | None = None
+    fanout: list[float] = []
+    first: list[float] = []
+    minted: list[float] = []
+    agent_cpu: list[float] = []
+    client_cpu: list[float] = []
+    try:
+        for _ in range(identities):
+            pod = create_pod()
+            pods.append(pod)
+            pod.spawn(["sleep", "3600"])
+        entries_path = work / "entries.json"
+        write_entries(entries_path, [entry(PROXY_ID, f"unix:uid:{PROXY_UID}"),
+                                     *(entry(_pod_id(i), f"k8s:pod-uid:{pod.pod_uid}")
+                                       for i, pod in enumerate(pods))])
+        spire = DevSpire(DevSpireSettings(
+            socket_path=str(work / "admin.sock"), trust_domain=TD,
+            entries_path=str(entries_path),
+            authorized_delegates=(f"spiffe://{TD}/spiffe-delegate",), reload_interval=1.0))
+        await spire.start()
+        agent = AgentProcess(
+            ["--spire-admin-socket", str(work / "admin.sock"), "--sds-socket",
+             str(work / "sds.sock"), "--trust-domain", TD, "--trusted-proxy", PROXY_ID,
+             "--health-address", "off", "--shutdown-grace", "2s", "--log-level", "warning"],
+            log_path=work / "agent.log", metrics_port=_free_port(),
+            prelude=_prelude(profile))
+        agent.start()
+        running = agent
+        await eventually(lambda: running.alive_and((work / "sds.sock").exists()), timeout=60,
+                         what="the agent's SDS socket")
+        client = await ClientProcess.start(work / "sds.sock", [p.pod_uid for p in pods],
+                                           STREAMS_PER_IDENTITY)
+        started = time.monotonic()
+        await client.round(0)
+        served = time.monotonic() - started
+        if profile:
+            os.kill(agent.pid, signal.SIGUSR2)
+        for number in range(1, rotations + 1):
+            await asyncio.sleep(0.5)  # the ACKs land, the agent is idle again
+            agent_before, client_before = _cpu_seconds(agent.pid), _cpu_seconds(client.pid)
+            rotated = time.monotonic()
+            await spire.rotate_now()
+            minted.append(time.monotonic() - rotated)
+            record = await client.round(number)
+            fanout.append(record["last"] - rotated)
+            first.append(record["first"] - rotated)
+            agent_cpu.append(_cpu_seconds(agent.pid) - agent_before)
+            client_cpu.append(_cpu_seconds(client.pid) - client_before)
+        if profile:
+            os.kill(agent.pid, signal.SIGUSR2)
+            await eventually(lambda: Path(f"{profile}.agent.txt").exists(), timeout=30,
+                             what="the agent's profile")
+    finally:
+        if client is not None:
+            await client.stop()
+        if agent is not None:
+            agent.stop()
+        if spire is not None:
+            await spire.stop(grace=0)
+        for pod in pods:
+            with contextlib.suppress(Exception):
+                pod.close()
+
+    floor = Row.of(f"serialize {streams:,} responses (build {identities} Secrets, "
+                   f"{streams:,} DiscoveryResponses, SerializeToString)", "s",
+                   serialize_floor(identities, streams, max(rotations, 5)))
+    reached = Row.of(f"one rotation of {identities} identities -> all {streams:,} streams "
+                     "have their push", "s", fanout)
+    reached.against(floor, target=f"p99 < {TARGET_SECONDS:g} s",
+                    met=reached.p99 is not None and reached.p99 < TARGET_SECONDS)
+    rows = [floor, reached,
+            Row.of("  first stream has its push", "s", first),
+            Row.of(f"  dev-spire re-mints all SVIDs ({identities + 2}) and sends them", "s",
+                   minted),
+            Row.of("  agent CPU per rotation (its process)", "s", agent_cpu),
+            Row.of("  client CPU per rotation (its process)", "s", client_cpu)]
+    notes = [
+        f"**Method.** {identities} pods (real processes in kubepods cgroups, "
+        f"agent/podsim.py), each with its own SPIFFE ID in dev-spire (`k8s:pod-uid`); one "
+        f"trusted proxy process (uid {PROXY_UID}, `--trusted-proxy`) opens "
+        f"{STREAMS_PER_IDENTITY} StreamSecrets streams per pod for `workload:<pod uid>`, "
+        f"{streams:,} in all over {CHANNELS} HTTP/2 connections, and ACKs every response. "
+        "The agent (`python -m agent run`), the clients (bench/fanout_client.py) and "
+        "dev-spire (this process) are three processes. "
+        f"First responses on all streams took {served:.2f} s from the client's start "
+        "(attesting every pod included). Then, "
+        f"{rotations} times: `rotate_now()` re-mints every SVID; the time runs until the "
+        "last stream has received its new response (client side, CLOCK_MONOTONIC). "
+        "The floor builds the same number of Secrets and DiscoveryResponses and serializes "
+        "them in this process. CPU rows are utime+stime from /proc during each rotation: "
+        "client CPU well under the fan-out time means the clients were not the bottleneck.",
+    ]
+    details = {
+        "fanout_seconds_p50": reached.p50, "fanout_seconds_p99": reached.p99,
+        "serialize_seconds": floor.p50, "streams": streams, "identities": identities,
+        "first_responses_seconds": round(served, 3),
+        "agent_cpu_seconds_p50": rows[4].p50, "client_cpu_seconds_p50": rows[5].p50,
+    }
+    return BenchResult("fanout", "Fan-out: one rotation to 1,000 streams", rows,
+                       details=details, notes=notes)
