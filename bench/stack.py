@@ -149,3 +149,4 @@ class AgentChild:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             process.wait(timeout)
+
