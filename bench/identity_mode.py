@@ -314,7 +314,11 @@ def _result(figures: dict[str, ModeFigures], pods: int, identities: int,
         "`workload:<uid>` lookup looks for a live process of its pod by reading the "
         "cgroup file of every process on the "
         "machine, so a burst of lookups costs one /proc scan each, O(pods x processes), "
-        "which is also why this row moves with what else runs on the machine. "
+        "which is also why this row moves with what else runs on the machine; and the "
+        "scanning threads slow the event loop's own /proc reads by contending for the "
+        "GIL (one `ProcReader.identity` measured 43 us alone, 130 us beside three "
+        "threads scanning /proc), which is why those reads loom so large in the "
+        "profiles. "
         + ("In this run the agent's verifiers share one `PodScans` "
            "(agent/attest/verifier.py): lookups made together share a scan. "
            if scans_shared else
