@@ -9,11 +9,9 @@ is served only its pod's entry. (Another uid could not reach this Python under /
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +92,3 @@ class Pods:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-@contextlib.contextmanager
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    try:
-        yield made
-    finally:
-        made.close()
