@@ -336,9 +336,11 @@ def _result(figures: dict[str, ModeFigures], pods: int, identities: int,
            if scans_shared else
            "`PodScans` (agent/attest/verifier.py) makes lookups made together share one "
            "scan, but in this run each verifier has its own (SpireSource does not pass "
-           "one shared object yet). Sharing it, measured on this machine with the same "
-           "benchmark, cut the agent's CPU to serve the pods from 1.38 s to 0.41-0.54 s "
-           "and the time to serve every pod from 1.1 s to 0.53 s (per-pod key). ")
+           "one shared object yet). Sharing it, measured with this benchmark on this "
+           "machine with 1,000 idle processes added (1,200 in all, a busy node), cut the "
+           "agent's CPU to serve the pods from 4.3-6.3 s to 0.5-0.8 s and the time to "
+           "serve every pod from 3.9-5.0 s to 0.7-1.2 s (per-pod key; identity key "
+           "alike); with about 215 processes the two were within noise. ")
         + "What else would shorten it: validating with `cryptography` alone (the same "
         "profile checks, 1.07 ms -> 0.02 ms per SVID, see first_svid), and a re-check "
         "before each push that reads only what it compares (stat and cgroup).",
