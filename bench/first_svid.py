@@ -124,7 +124,8 @@ def _result(cold: list[float], warm: dict[str, list[float]], minted: int,
         "never seen, on a new connection, one pod at a time: attestation, a new SPIRE "
         f"subscription by PID, dev-spire attesting the PID from /proc and minting "
         f"({minted} SVIDs minted for {len(cold)} cold pods), re-verification, the push. "
-        f"{len(warm['stream'])} warm rounds, each interleaving floor and agent samples.",
+        f"{len(warm['stream'])} warm rounds, each interleaving floor and agent samples; "
+        f"{len(cold)} cold samples, so the cold p99 is their maximum.",
         "**Floor.** A raw grpc.aio unary method on a Unix socket in the same process, "
         "whose handler reads `/proc/<pid>/stat` and `/proc/<pid>/cgroup` of the caller: "
         "the least any PID-attesting answer costs in this language and RPC stack. The "
