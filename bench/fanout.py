@@ -205,7 +205,8 @@ async def _run(ctx: Context) -> BenchResult:
         agent = AgentProcess(
             ["--spire-admin-socket", str(work / "admin.sock"), "--sds-socket",
              str(work / "sds.sock"), "--trust-domain", TD, "--trusted-proxy", PROXY_ID,
-             "--health-address", "off", "--shutdown-grace", "2s", "--log-level", "warning"],
+             "--health-address", "off", "--shutdown-grace", "2s", "--log-level",
+             os.environ.get("FANOUT_AGENT_LOG_LEVEL", "warning"), "--log-format", "json"],
             log_path=work / "agent.log", metrics_port=_free_port(),
             prelude=_prelude(profile))
         agent.start()
@@ -235,6 +236,9 @@ async def _run(ctx: Context) -> BenchResult:
             await eventually(lambda: Path(f"{profile}.agent.txt").exists(), timeout=30,
                              what="the agent's profile")
     finally:
+        if keep_log := os.environ.get("FANOUT_KEEP_AGENT_LOG"):
+            with contextlib.suppress(OSError):
+                shutil.copy(work / "agent.log", keep_log)
         if client is not None:
             await client.stop()
         if agent is not None:

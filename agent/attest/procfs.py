@@ -23,6 +23,7 @@ __all__ = [
     "ProcUnreadable",
     "ProcessGone",
     "ProcessIdentity",
+    "ProcessPlacement",
 ]
 
 log = logging.getLogger("spiffe_delegate.attest")
@@ -85,6 +86,20 @@ class ProcessIdentity:
         return self.pid == other.pid and self.start_time == other.start_time
 
 
+@dataclass(frozen=True)
+class ProcessPlacement:
+    """Which process it is (``pid`` and ``start_time``) and where it runs (``pod_uid``,
+    ``container_id``): :class:`ProcessIdentity` without the uid, for re-checks."""
+
+    pid: int
+    start_time: int
+    pod_uid: str | None
+    container_id: str | None
+
+    def same_process(self, other: ProcessIdentity | ProcessPlacement) -> bool:
+        return self.pid == other.pid and self.start_time == other.start_time
+
+
 class ProcReader:
     """The one way this package reads /proc. ``root`` is ``/proc`` or a synthetic tree.
 
@@ -121,6 +136,25 @@ class ProcReader:
         checked to belong to that process: if the pidfd's process has exited by the end of
         the reads, :class:`ProcessGone` is raised.
         """
+        start_time, status, info = self._snapshot(pid, pidfd, with_status=True)
+        uid = _parse_real_uid(pid, status)
+        return ProcessIdentity(pid=pid, start_time=start_time, uid=uid,
+                               pod_uid=info.pod_uid, container_id=info.container_id)
+
+    def placement(self, pid: int, pidfd: int | None = None) -> ProcessPlacement:
+        """:meth:`identity` without the uid: stat and cgroup only, with the same guarantees.
+
+        For re-checks that compare only which process it is and where it runs (its start
+        time, pod and container): /proc/<pid>/status, the costliest of the three files for
+        the kernel to write, is not read.
+        """
+        start_time, _, info = self._snapshot(pid, pidfd, with_status=False)
+        return ProcessPlacement(pid=pid, start_time=start_time, pod_uid=info.pod_uid,
+                                container_id=info.container_id)
+
+    def _snapshot(self, pid: int, pidfd: int | None, *, with_status: bool
+                  ) -> tuple[int, bytes, CgroupInfo]:
+        """(start time, raw status or b"", parsed cgroup) through one /proc/<pid> fd."""
         _check_pid(pid)
         try:
             dir_fd = os.open(f"{self._prefix}{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -128,19 +162,17 @@ class ProcReader:
             raise self._translate(pid, "", err) from err
         try:
             stat = self._read_at(pid, dir_fd, "stat")
-            status = self._read_at(pid, dir_fd, "status")
+            status = self._read_at(pid, dir_fd, "status") if with_status else b""
             cgroup = self._read_at(pid, dir_fd, "cgroup")
         finally:
             os.close(dir_fd)
         state, start_time = _parse_stat(pid, stat)
         if state in ("Z", "X", "x"):
             raise ProcessGone(pid, "it has exited and not been reaped yet (zombie)")
-        uid = _parse_real_uid(pid, status)
         info = self._interpret(pid, cgroup)
         if pidfd is not None and _pidfd_exited(pidfd):
             raise ProcessGone(pid, "the process the pidfd pins exited while it was being read")
-        return ProcessIdentity(pid=pid, start_time=start_time, uid=uid,
-                               pod_uid=info.pod_uid, container_id=info.container_id)
+        return start_time, status, info
 
     def start_time(self, pid: int) -> int:
         """Field 22 of /proc/<pid>/stat."""
