@@ -8,6 +8,7 @@ from typing import Protocol
 
 from agent.attest.procfs import ProcReader
 from agent.attest.verifier import (
+    PodScans,
     PodTarget,
     ProcessTarget,
     VerifiedUpdate,
@@ -79,6 +80,8 @@ class SpireSource:
         self._settings = settings if settings is not None else VerifierSettings()
         self.stats = stats if stats is not None else VerifierStats()
         self._log = logger
+        # One for every verifier: a burst of pod lookups shares /proc scans.
+        self._scans = PodScans(reader)
 
     def workload(self, key: WorkloadKey, *, pid: int | None = None,
                  pidfd: int | None = None) -> X509Verifier:
@@ -88,7 +91,8 @@ class SpireSource:
         else:
             target = ProcessTarget(key.pid, pidfd=pidfd, start_time=key.start_time)
         return X509Verifier(self._client, self._reader, target, clock=self._clock,
-                            settings=self._settings, stats=self.stats, logger=self._log)
+                            settings=self._settings, stats=self.stats, logger=self._log,
+                            scans=self._scans)
 
     def bundles(self) -> AsyncIterator[X509Bundles]:
         return self._client.subscribe_x509_bundles()
