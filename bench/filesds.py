@@ -17,8 +17,8 @@ file lands is the ``--mode``:
   into a fresh ``..<stamp>`` directory, a ``..data_tmp`` symlink to it is renamed over
   ``..data``, and the visible names are symlinks through ``..data``: one move swaps all.
 
-Each write is logged to stdout as ``written <serial hex> <CLOCK_MONOTONIC seconds>`` so the
-benchmark can split the latency into SPIRE-to-disk and disk-to-Envoy. Nothing else is
+Each write is logged to stdout as ``written <serial hex> <written at> <received at>``
+(CLOCK_MONOTONIC seconds) so the benchmark can split the latency into its stages. Nothing else is
 printed; the key is only ever in the files.
 
 Run: ``python -m bench.filesds --socket ADMIN.sock --selector unix:uid:2101 --dir D --mode M``
@@ -130,6 +130,7 @@ async def follow(socket: str, selectors: Sequence[Selector], writer: FileWriter)
         async for update in client.subscribe_x509_svids(selectors=selectors):
             if update.svids:
                 state["svid"] = update.svids[0]
+                state["received"] = time.monotonic()
                 changed.set()
 
     async def bundles() -> None:
@@ -150,7 +151,9 @@ async def follow(socket: str, selectors: Sequence[Selector], writer: FileWriter)
                 continue
             writer.write(svid.cert_chain, svid.private_key, bundle)
             serial = x509.load_der_x509_certificate(svid.cert_chain[0]).serial_number
-            sys.stdout.write(f"written {serial:x} {time.monotonic():.6f}\n")
+            received = state.get("received")
+            sys.stdout.write(f"written {serial:x} {time.monotonic():.6f} "
+                             f"{received if isinstance(received, float) else 0:.6f}\n")
             sys.stdout.flush()
     finally:
         for task in tasks:

@@ -8,10 +8,9 @@ the monotonic clock just before that call; the agent and the helpers are subproc
 Envoy's ``/certs`` is polled from its own thread until it shows the new serial number.
 
 Knobs for finding out why (not used by ``python -m bench``):
-``BENCH_ROTATION_PROFILE=FILE`` runs the agent under cProfile (stats written to FILE);
-``BENCH_ROTATION_AGENT_PRELUDE=FILE`` runs FILE's Python in the agent before it starts (to
-time its stages); ``BENCH_ROTATION_TRACE=1`` has the Envoys log at debug level with
-microsecond timestamps and prints each issue time (wall and monotonic) on stdout.
+``BENCH_ROTATION_TRACE=FILE`` writes the stages of every rotation (bench/rotation_trace.py)
+to FILE; ``BENCH_ROTATION_PROFILE=FILE`` runs the agent under cProfile (stats to FILE);
+``BENCH_ROTATION_AGENT_PRELUDE=FILE`` runs FILE's Python in the agent before it starts.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from typing import Any
 from agent.devspire import DevSpire, DevSpireSettings
 from bench.filesds import BUNDLE, CERT, KEY
 from bench.harness import REPO, BenchResult, Context, Row, percentile
+from bench.rotation_trace import AGENT_MARKS, ENVOY_LOG_FORMAT, write_timeline
 
 TD = "example.org"
 DELEGATE = f"spiffe://{TD}/spiffe-delegate"
@@ -134,6 +134,8 @@ def agent_argv(work: Path) -> list[str]:
     launcher = ["-m", "agent"]
     if profile_to := os.environ.get("BENCH_ROTATION_PROFILE"):
         launcher = ["-c", _PROFILED.format(out=profile_to)]
+    if os.environ.get("BENCH_ROTATION_TRACE"):
+        launcher = ["-c", AGENT_MARKS + _RUN_AGENT]
     if prelude := os.environ.get("BENCH_ROTATION_AGENT_PRELUDE"):
         launcher = ["-c", Path(prelude).read_text() + _RUN_AGENT]
     return [sys.executable, *launcher, "run",
@@ -200,7 +202,7 @@ def _trace_options() -> dict[str, Any]:
     if not os.environ.get("BENCH_ROTATION_TRACE"):
         return {}
     return {"component_log_level": "config:debug,secret:debug,file:debug",
-            "extra_args": ["--log-format", "[%Y-%m-%d %T.%f][%n][%l] %v"]}
+            "extra_args": ["--log-format", ENVOY_LOG_FORMAT]}
 
 
 # --- watching Envoy -----------------------------------------------------------------------
@@ -266,6 +268,7 @@ class Seen:
     missed: int = 0
     before: dict[str, int] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
+    mean_poll_ms: float = 0.0
 
     def delta(self, counter: str) -> int:
         """Growth of ``sds.default.<counter>`` over the timed rotations."""
@@ -279,13 +282,20 @@ class Seen:
         return self.delta("key_rotation_failed") + self.delta("update_rejected")
 
 
+def cpu_seconds(child: Child) -> float:
+    """User + system CPU the child has used so far (its threads included)."""
+    assert child.process is not None
+    fields = Path(f"/proc/{child.process.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def helper_writes(out: Path) -> dict[int, float]:
     """Serial -> monotonic time the helper finished writing its files."""
     written: dict[int, float] = {}
     with contextlib.suppress(OSError):
         for line in out.read_text().splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[0] == "written":
+            if len(parts) >= 3 and parts[0] == "written":
                 written.setdefault(int(parts[1], 16), float(parts[2]))
     return written
 
@@ -300,6 +310,27 @@ async def _wait(what: str, condition: Callable[[], bool], check: Callable[[], No
         await asyncio.sleep(0.02)
 
 
+async def _ask(poller: asyncio.subprocess.Process, command: str, answer: str) -> list[str]:
+    """One exchange with bench.certspoll: a command line, then its answer's fields."""
+    assert poller.stdin is not None and poller.stdout is not None
+    poller.stdin.write(command.encode() + b"\n")
+    await poller.stdin.drain()
+    line = (await poller.stdout.readline()).decode().split()
+    if not line or line[0] != answer:
+        raise RuntimeError(f"bench.certspoll answered {line!r} to {command!r}")
+    return line[1:]
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        await asyncio.wait_for(process.wait(), 10)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 # --- the run ------------------------------------------------------------------------------
 
 @dataclass
@@ -312,6 +343,7 @@ class Outcome:
     inplace_rotations: int
     inplace_picked: int
     inplace_counters: dict[str, int]
+    cpu_ms_per_rotation: dict[str, float]   # the agent's and each helper's, user + system
 
 
 def run(ctx: Context) -> BenchResult:
@@ -357,6 +389,7 @@ async def measure(work: Path, files_root: Path, rotations: int,
                                       entries_path=str(work / "entries.json"),
                                       authorized_delegates=(DELEGATE,)))
     children: list[Child] = []
+    pollers: list[asyncio.subprocess.Process] = []
     envoys: list[EnvoyProcess] = []
     admins: list[Admin] = []
     pool = ThreadPoolExecutor(max_workers=len(TIMED), thread_name_prefix="certs-poll")
@@ -398,29 +431,41 @@ async def measure(work: Path, files_root: Path, rotations: int,
         for s in seen.values():
             s.before = await loop.run_in_executor(pool, s.admin.counters)
 
+        poller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.certspoll", "--interval", str(POLL_INTERVAL),
+            "--timeout", str(SEEN_TIMEOUT), *(by_name[name].admin_address for name in TIMED),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO)
+        pollers.append(poller)
         issued: dict[int, float] = {}
+        walls: list[tuple[float, float]] = []
         rng = random.Random(10)
+        cpu_before = {c.name: cpu_seconds(c) for c in (agent, *helpers.values())}
         started = time.monotonic()
         for _ in range(rotations):
             await asyncio.sleep(rng.uniform(0.05, 0.12))  # let the last rotation settle
-            if trace:
-                print(f"ISSUE {time.time():.6f} {time.monotonic():.6f}", flush=True)
+            walls.append((time.time(), time.monotonic()))
             issued_at = time.monotonic()
             await spire.rotate_now(ENVOY_ID)
             serial = current()
             issued[serial] = issued_at
-            shown = await asyncio.gather(*(loop.run_in_executor(
-                pool, seen[name].admin.wait_for, serial) for name in TIMED))
-            for name, when in zip(TIMED, shown, strict=True):
-                if when is None:
+            for name, when in zip(TIMED, await _ask(poller, f"{serial:x}", "seen"),
+                                  strict=True):
+                if when == "-":
                     seen[name].missed += 1
                 else:
-                    seen[name].latencies_ms.append((when - issued_at) * 1000)
+                    seen[name].latencies_ms.append((float(when) - issued_at) * 1000)
         seconds = time.monotonic() - started
+        cpu = {name: (cpu_seconds(c) - cpu_before[c.name]) * 1000 / rotations
+               for name, c in (("agent", agent), *helpers.items())}
+        for name, mean in zip(TIMED, await _ask(poller, "stats", "stats"), strict=True):
+            seen[name].mean_poll_ms = float(mean)
         await asyncio.sleep(0.3)  # a torn pair's second move, or a late reload, lands first
         for s in seen.values():
             s.after = await loop.run_in_executor(pool, s.admin.counters)
         written = {mode: helper_writes(helpers[mode].out) for mode in FILE_MODES}
+        if trace_to := os.environ.get("BENCH_ROTATION_TRACE"):
+            write_timeline(Path(trace_to), work, walls,
+                           {n: s.latencies_ms for n, s in seen.items()}, FILE_MODES)
 
         # spiffe-helper as it is: files rewritten in place. Apart, so that its helper and
         # Envoy do not load the machine during the timed rotations.
@@ -446,8 +491,10 @@ async def measure(work: Path, files_root: Path, rotations: int,
         after = await loop.run_in_executor(pool, inplace_admin.counters)
         inplace_counters = {k: v - before.get(k, 0) for k, v in after.items()}
         return Outcome(rotations, seconds, seen, issued, written, inplace_rotations, picked,
-                       inplace_counters)
+                       inplace_counters, cpu)
     finally:
+        for process in pollers:
+            await _end(process)
         pool.shutdown(wait=True, cancel_futures=True)
         for admin in admins:
             admin.close()
@@ -499,8 +546,7 @@ def summarise(o: Outcome) -> BenchResult:
     inplace = Row("rotations shown, file path (in place, as spiffe-helper writes)", "count",
                   o.inplace_picked, None, o.inplace_rotations)
     to_disk = {mode: _to_disk(o, mode) for mode in FILE_MODES}
-    polls = {name: s.admin.poll_seconds / max(s.admin.polls, 1) * 1000
-             for name, s in o.seen.items()}
+    polls = {name: s.mean_poll_ms for name, s in o.seen.items()}
 
     def p(samples: list[float], q: float) -> float:
         return round(percentile(samples, q), 3)
@@ -520,6 +566,7 @@ def summarise(o: Outcome) -> BenchResult:
         "inplace_shown": f"{o.inplace_picked}/{o.inplace_rotations}",
         "mean_poll_ms": {k: round(v, 3) for k, v in polls.items()},
         "issue_to_files_written_p50_ms": {m: p(v, 50) for m, v in to_disk.items() if v},
+        "cpu_ms_per_rotation": {k: round(v, 2) for k, v in o.cpu_ms_per_rotation.items()},
     }
     notes = _notes(o, details, versus_rename, versus_swap)
     return BenchResult("rotation", "Rotation to Envoy, versus file-based SDS",
