@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ TARGET_SECONDS = 1.0
 TITLE = "Fan-out: one rotation to 1,000 streams"
 ROUND_TIMEOUT = 60.0
 # FANOUT_PROFILE=/path/prefix: the agent runs under cProfile during the rotations only and
-# writes /path/prefix.agent.txt (top entries by cumulative and by own time).
+# writes /path/prefix.agent.txt (top entries by cumulative and by own time) and
+# /path/prefix.agent.prof (pstats).
 PROFILE_ENV = "FANOUT_PROFILE"
 PRELUDE_ENV = "FANOUT_AGENT_PRELUDE"
 _PROFILER_PRELUDE = """
@@ -59,6 +61,7 @@ def _bench_toggle(signum, frame):
     stats.sort_stats("tottime").print_stats(30)
     with open(%r, "w") as f:
         f.write(out.getvalue())
+    _bench_profile.dump_stats(%r)
 signal.signal(signal.SIGUSR2, _bench_toggle)
 """
 
@@ -74,7 +77,8 @@ def _pod_id(index: int) -> str:
 def _prelude(profile: str) -> str | None:
     """Python run in the agent's process first: the profiler, and FANOUT_AGENT_PRELUDE's
     file (a what-if: e.g. a change proposed for a module this benchmark does not own)."""
-    parts = [_PROFILER_PRELUDE % f"{profile}.agent.txt"] if profile else []
+    parts = ([_PROFILER_PRELUDE % (f"{profile}.agent.txt", f"{profile}.agent.prof")]
+             if profile else [])
     if extra := os.environ.get(PRELUDE_ENV):
         parts.append(Path(extra).read_text())
     return "\n".join(parts) or None
@@ -122,36 +126,43 @@ def serialize_floor(identities: int, streams: int, repeats: int) -> list[float]:
 
 
 def _why(reached: Row, floor: Row, first: Row, agent_cpu: Row, client_cpu: Row,
-         streams: int, identities: int) -> str:
-    """The paragraph that says where the time above the floor goes."""
+         peer: Row, streams: int, identities: int) -> str:
+    """The paragraph that says where the time above the floors goes."""
     per_push = (agent_cpu.p50 or 0.0) / streams * 1e6
+    versus_peer = (reached.p50 or 0.0) / peer.p50 if peer.p50 else 0.0
     return (
         f"**Where the time goes.** The rotation takes {reached.ratio_p50 or 0:.0f}x the "
-        "time to serialize its responses: serializing is the least of it. The agent's CPU "
-        f"per rotation (p50 {agent_cpu.p50 or 0:.2f} s, about {per_push:.0f} us per stream "
-        "push) is close to the whole fan-out time: the agent is CPU-bound on one core "
-        f"(Python, one event loop). Per rotation it validates {identities + 2} new SVIDs "
-        "(chain, key, SVID profile) and re-verifies each pod's pinned process, then for "
-        "every stream: re-reads the caller's /proc entry (`Caller.verify`: the caller must "
-        "still be the process that connected, in the same pod), resolves its names, builds "
-        "the Secret and its digest, and hands the response to gRPC; the clients spent "
-        f"{client_cpu.p50 or 0:.2f} s of CPU receiving and ACKing all {streams:,}. "
-        "docs/profiles/fanout-agent.txt (cProfile of the agent during the rotations) has "
-        "`StreamSecrets` at about half the agent's busy time; in it `resolve` and the "
-        "caller re-check (`ProcReader.identity`: three /proc files) are the largest parts, "
-        "then the DEBUG push line formatted even when DEBUG is off (`_log_push`) and "
-        "`sotw.build`; validation and the cache feed are about a fifth. "
+        "time to serialize its responses: serializing is the least of it. The second peer, "
+        "a bare grpc.aio server behind the agent's own relay pushing prebuilt Secrets to "
+        f"the same client fleet, takes {peer.p50 or 0:.3f} s ({peer.ratio_p50 or 0:.0f}x "
+        "serializing): gRPC, the relay and a task per stream on one Python event loop. The "
+        f"agent takes {versus_peer:.1f}x that. Its CPU per rotation (p50 "
+        f"{agent_cpu.p50 or 0:.2f} s, about {per_push:.0f} us per stream push) is close to "
+        "the whole fan-out time: it is CPU-bound on one core (one event loop). Per rotation "
+        f"it validates {identities + 2} new SVIDs (chain, key, SVID profile) and re-verifies "
+        "each pod's pinned process through /proc; then for every stream it re-reads the "
+        "caller's /proc entry (`Caller.verify`: still the process that connected, in the "
+        "same pod), resolves the names, builds the Secret and its digest, and books the "
+        f"push. The clients spent {client_cpu.p50 or 0:.2f} s of CPU receiving and ACKing "
+        f"all {streams:,}: they are not the bottleneck. "
+        "docs/profiles/fanout-agent.txt (cProfile of the agent during the rotations): "
+        "`StreamSecrets` is about half the agent's busy time, in it `View.resolve` (~30%), "
+        "the caller re-check (~26%, mostly the kernel writing three /proc files), the "
+        "stream's mailbox (`_take`, ~18%), the DEBUG push line built even when DEBUG is off "
+        "(`_log_push`, ~9%) and `sotw.build` (~9%); validation and the cache feed "
+        "(`_serve_alone`) are about a fifth. "
         f"The first stream has its push at {first.p50 or 0:.2f} s (p50)"
         + (", not long before the last: responses are built from early on (the agent's "
            "DEBUG log shows them), but they leave through the peer-credential relay, which "
            "runs on the same event loop and so forwards gRPC's bytes only when the loop "
            "gets to its I/O between long runs of ready stream tasks. "
            if (first.p50 or 0) > 0.5 * (reached.p50 or 0) else ". ")
-        + "What would cut "
-        "it further (outside this benchmark's modules): re-check callers with "
-        "`ProcReader.placement` (stat and cgroup, no status: ~15 of ~40 us per push), skip "
-        "formatting DEBUG push lines when DEBUG is off (~15 us per push), and share one "
-        "built and packed Secret among the streams that serve the same state."
+        + "What would cut it further (outside the modules this benchmark owns): re-check "
+        "callers with `ProcReader.placement` (stat and cgroup, no status: 22 instead of "
+        "35 us per push), skip building DEBUG push lines when DEBUG is off (a few us per "
+        "push), and share the built, packed and digested Secret among the streams that "
+        "serve the same state; the relay's copying on the agent's loop is part of the "
+        "peer's time too."
     )
 
 
@@ -162,7 +173,7 @@ class ClientProcess:
         self.process = process
 
     @classmethod
-    async def start(cls, socket: Path, uids: list[str], repeat: int) -> ClientProcess:
+    async def start(cls, socket: Path, uids: Sequence[str], repeat: int) -> ClientProcess:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise RuntimeError("setpriv (util-linux) is needed to run the clients as a user")
@@ -201,6 +212,51 @@ class ClientProcess:
         await self.process.wait()
 
 
+async def _peer_rounds(work: Path, identities: int, rotations: int
+                       ) -> tuple[list[float], list[float]]:
+    """The transport floor: bench/fanout_peer.py pushing to the same client fleet.
+    Returns (seconds until every stream has its push, the peer's CPU seconds) per round."""
+    import uuid
+
+    socket = work / "peer.sock"
+    peer = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.fanout_peer", "--socket", str(socket),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    client: ClientProcess | None = None
+    reached: list[float] = []
+    cpu: list[float] = []
+    try:
+        assert peer.stdout is not None
+        async with asyncio.timeout(ROUND_TIMEOUT):
+            if (await peer.stdout.readline()).strip() != b"ready":
+                raise RuntimeError(f"the peer server did not start ({await peer.wait()})")
+        client = await ClientProcess.start(socket, [str(uuid.uuid4()) for _ in range(identities)],
+                                           STREAMS_PER_IDENTITY)
+        await client.round(0)
+        for number in range(1, rotations + 1):
+            await asyncio.sleep(0.3)
+            before = _cpu_seconds(peer.pid)
+            rotated = time.monotonic()
+            os.kill(peer.pid, signal.SIGUSR1)
+            record = await client.round(number)
+            reached.append(record["last"] - rotated)
+            cpu.append(_cpu_seconds(peer.pid) - before)
+    finally:
+        if client is not None:
+            await client.stop()
+        if peer.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                peer.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await peer.wait()
+            except TimeoutError:
+                peer.kill()
+                await peer.wait()
+    return reached, cpu
+
+
 async def _run(ctx: Context) -> BenchResult:
     from agent.devspire import DevSpire, DevSpireSettings
     from agent.podsim import FakePod, PodCgroupsUnavailable, create_pod
@@ -223,6 +279,7 @@ async def _run(ctx: Context) -> BenchResult:
     minted: list[float] = []
     agent_cpu: list[float] = []
     client_cpu: list[float] = []
+    peer_reached, peer_cpu = await _peer_rounds(work, identities, rotations)
     try:
         for _ in range(identities):
             try:
@@ -296,12 +353,16 @@ async def _run(ctx: Context) -> BenchResult:
                      "have their push", "s", fanout)
     reached.against(floor, target=f"p99 < {TARGET_SECONDS:g} s",
                     met=reached.p99 is not None and reached.p99 < TARGET_SECONDS)
+    peer = Row.of(f"  peer: the same {streams:,} pushes from a bare grpc.aio server behind "
+                  "the agent's relay (bench/fanout_peer.py)", "s", peer_reached)
     rows = [floor, reached,
             Row.of("  first stream has its push", "s", first),
             Row.of(f"  dev-spire re-mints all SVIDs ({identities + 2}) and sends them", "s",
                    minted),
             Row.of("  agent CPU per rotation (its process)", "s", agent_cpu),
-            Row.of("  client CPU per rotation (its process)", "s", client_cpu)]
+            Row.of("  client CPU per rotation (its process)", "s", client_cpu),
+            peer.against(floor),
+            Row.of("  peer CPU per rotation (its process)", "s", peer_cpu)]
     notes = [
         f"**Method.** {identities} pods (real processes in kubepods cgroups, "
         f"agent/podsim.py), each with its own SPIFFE ID in dev-spire (`k8s:pod-uid`); one "
@@ -317,7 +378,7 @@ async def _run(ctx: Context) -> BenchResult:
         "The floor builds the same number of Secrets and DiscoveryResponses and serializes "
         "them in this process. CPU rows are utime+stime from /proc during each rotation: "
         "client CPU well under the fan-out time means the clients were not the bottleneck.",
-        _why(reached, floor, rows[2], rows[4], rows[5], streams, identities),
+        _why(reached, floor, rows[2], rows[4], rows[5], peer, streams, identities),
         "**Changed for this benchmark.** A watch's `next()` made two tasks and an "
         f"`asyncio.wait` per wake-up (a rotation wakes two watches per stream, {2 * streams:,} "
         "here); "
@@ -333,6 +394,7 @@ async def _run(ctx: Context) -> BenchResult:
         "first_responses_seconds": round(served, 3),
         "agent_cpu_seconds_p50": rows[4].p50, "client_cpu_seconds_p50": rows[5].p50,
         "first_push_seconds_p50": rows[2].p50,
+        "transport_floor_seconds_p50": peer.p50, "transport_floor_cpu_seconds_p50": rows[7].p50,
     }
     return BenchResult("fanout", TITLE, rows,
                        details=details, notes=notes)
