@@ -24,8 +24,8 @@ RULE = "|---|---|---|---|---|---|---|---|---|---|"
 def number(value: float | None, unit: str = "") -> str:
     if value is None:
         return ""
-    if value == 0:
-        text = "0"
+    if value == int(value) and abs(value) < 1e15:
+        text = f"{int(value):,}"
     elif abs(value) >= 100:
         text = f"{value:,.0f}"
     elif abs(value) >= 10:
