@@ -450,7 +450,6 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                         continue
                 if protocol.names is None:
                     continue
-                await self._check_alive(context, caller)
                 resolution = view.resolve(protocol.names, protocol.node)
                 await self._check_refusals(context, caller, resolution, unmet_is_fatal=True)
                 if resolution.waiting or resolution.unissued:
@@ -460,6 +459,10 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                 if response is None:
                     self.stats.repushes_avoided += 1
                     continue
+                # The caller is re-checked before every push, after the response is built:
+                # a wake-up with nothing to send (the bundle stream on an SVID rotation)
+                # then costs no /proc reads, and the check sits right before the send.
+                await self._check_alive(context, caller)
                 self._pushed(resolution.secrets)
                 self.stats.responses += 1
                 self.stats.resources_sent += len(response.resources)
@@ -492,7 +495,6 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                 if requested is None:
                     continue
                 await self._check_names(context, caller, requested, what="subscribed at once")
-                await self._check_alive(context, caller)
                 resolution = view.resolve(requested, protocol.node)
                 await self._check_refusals(context, caller, resolution, unmet_is_fatal=False)
                 for name, why in resolution.unmet.items():
@@ -508,6 +510,7 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
                     if settled:
                         self.stats.repushes_avoided += 1
                     continue
+                await self._check_alive(context, caller)  # as in StreamSecrets
                 self._pushed([*(r.name for r in response.resources),
                               *response.removed_resources])
                 self.stats.responses += 1
