@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -342,6 +341,8 @@ STATUS_OPTIONS = (
 
 
 def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # slow; `version` only
+
     try:
         return version("spiffe-delegate")
     except PackageNotFoundError:

@@ -31,6 +31,7 @@ from agent.clock import Clock, SystemClock
 from agent.config import AgentSettings, HostPort
 from agent.errors import SpireError, SpirePermissionDenied
 from agent.http.endpoints import Endpoints
+from agent.malloc import HeapTrimmer
 from agent.metrics import AgentMetrics, SdsAckMetrics, SpireRpcMetrics
 from agent.model import JwtBundles, X509Bundles, X509SvidUpdate
 from agent.sds.server import SdsServer, SdsSettings
@@ -168,8 +169,12 @@ class Agent:
     endpoints: Endpoints | None = None
 
     def __init__(self, settings: AgentSettings, *, reader: ProcReader | None = None,
-                 clock: Clock | None = None, follow_own_identity: bool = True) -> None:
+                 clock: Clock | None = None, follow_own_identity: bool = True,
+                 heap_trimmer: HeapTrimmer | None = None) -> None:
         self.settings = settings
+        # ``run`` passes one (the process is the agent's own); in-process tests need none.
+        self._heap_trimmer = heap_trimmer
+        self._trim_task: asyncio.Task[None] | None = None
         self._reader = reader if reader is not None else ProcReader()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._follow_own = follow_own_identity
@@ -249,6 +254,8 @@ class Agent:
                 asyncio.create_task(_keep_following("JWT bundles",
                                                     follower.follow_jwt_bundles, retry)),
             ]
+        if self._heap_trimmer is not None and self._heap_trimmer.available:
+            self._trim_task = asyncio.create_task(self._heap_trimmer.run(), name="heap trim")
         if self.settings.trusted_proxies:
             _LOG.info("trusted proxies (may ask for workload:<pod uid>): %s",
                       ", ".join(self.settings.trusted_proxies))
@@ -297,9 +304,10 @@ class Agent:
         deadline = started + grace
         calls = len(self.sds.handler.open_calls())
         _LOG.info("shutting down: draining %d SDS call(s) within %gs", calls, grace)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._trim_task] if self._trim_task is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.endpoints is not None:
             await self.endpoints.close()
         # Leave a share of the grace for the cache and the client behind SDS.
@@ -365,7 +373,7 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
     """The ``run`` command's body. The caller sets ``stop`` on SIGTERM or SIGINT; while
     the agent then drains, this takes those two signals over so that a second one ends the
     drain at once (:meth:`Agent.hurry`), and hands them back to ``stop.set`` after."""
-    agent = Agent(settings)
+    agent = Agent(settings, heap_trimmer=HeapTrimmer())
     await agent.start()
     try:
         await agent.run(stop)

@@ -16,10 +16,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import yaml
-from spiffe import SpiffeId
-from spiffe.spiffe_id.spiffe_id import SpiffeIdError
-
 from agent.durations import parse_duration
 from agent.errors import ConfigError
 
@@ -208,6 +204,8 @@ class EntriesSettings:
         _checked_flag("--spire-server-command", partial(shlex.split, self.spire_server_command))
 
     def _member(self, text: str) -> str:
+        from spiffe.spiffe_id.spiffe_id import SpiffeId, SpiffeIdError
+
         try:
             parsed = SpiffeId(text)
         except SpiffeIdError as exc:
@@ -393,6 +391,8 @@ def render_crd(settings: EntriesSettings) -> str:
                        "entry on the server that no resource declares."),
         *_delegate_hint(settings),
     ]
+    import yaml  # only here: `run` imports this module (the CLI's options) and never this
+
     parts = ["\n".join(header)]
     for comment, resource in documents:
         body = yaml.safe_dump(resource, sort_keys=False, default_flow_style=False)

@@ -6,10 +6,6 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import yaml
-from spiffe import SpiffeId
-from spiffe.spiffe_id.spiffe_id import SpiffeIdError
-
 from agent.admin.entries import DEFAULT_AGENT, comment_lines
 from agent.config import DEFAULT_SPIRE_ADMIN_SOCKET
 from agent.errors import ConfigError
@@ -51,6 +47,8 @@ class SpireConfigSettings:
             raise ConfigError(f"--trust-domain {self.trust_domain!r} is not a trust domain "
                               "name", "e.g. example.org")
         _check_socket_path("--admin-socket-path", self.admin_socket_path)
+        from spiffe.spiffe_id.spiffe_id import SpiffeId, SpiffeIdError
+
         for delegate in self.delegates():
             try:
                 parsed = SpiffeId(delegate)
@@ -153,6 +151,8 @@ def render_helm(settings: SpireConfigSettings) -> str:
         "authorizedDelegates": list(settings.delegates()),
         "sockets": {"hostBasePath": base, "admin": {"enabled": True, "mountOnHost": True}},
     }}
+    import yaml  # only here: `run` imports this module (the CLI's options) and never this
+
     body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
     return "\n".join(lines) + "\n" + body
 
