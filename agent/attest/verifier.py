@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.attest.cgroups import is_container_id, is_pod_uid
-from agent.attest.procfs import ProcessGone, ProcessIdentity, ProcReader
+from agent.attest.procfs import ProcessGone, ProcessIdentity, ProcessPlacement, ProcReader
 from agent.clock import Clock, SystemClock
 from agent.errors import AttestationError, SpireError
 from agent.model import Selector, X509SvidUpdate
@@ -206,7 +206,7 @@ def _pid_of_pidfd(pidfd: int) -> int | None:
     return None
 
 
-def _describe(identity: ProcessIdentity) -> str:
+def _describe(identity: ProcessIdentity | ProcessPlacement) -> str:
     where = f"pod {identity.pod_uid}" if identity.pod_uid else "no pod"
     container = (identity.container_id or "none")[:12]
     return f"start time {identity.start_time}, {where}, container {container}"
@@ -358,7 +358,7 @@ class _Pin:
     def _classify_gone(self) -> str:
         """The pinned process has gone: did another process take its PID already?"""
         try:
-            now = self.reader.identity(self.identity.pid)
+            now = self.reader.placement(self.identity.pid)
         except AttestationError:
             return "exited"
         if now.start_time != self.identity.start_time:
@@ -374,7 +374,7 @@ class _Pin:
             self.kill(self._classify_gone())
             return self.reason
         try:
-            now = self.reader.identity(self.identity.pid, self.pidfd)
+            now = self.reader.placement(self.identity.pid, self.pidfd)  # uid not compared
         except ProcessGone:
             self.kill(self._classify_gone())
             return self.reason

@@ -9,7 +9,7 @@ import select
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.attest.procfs import ProcessGone, ProcessIdentity, ProcReader
+from agent.attest.procfs import ProcessGone, ProcessIdentity, ProcessPlacement, ProcReader
 from agent.cache.keys import WorkloadKey, key_for_process
 from agent.errors import AttestationError
 from agent.uds.peercred import PeerCredentials
@@ -61,7 +61,8 @@ class Caller:
         if self.exited():
             return "exited"
         try:
-            now = reader.identity(self.process.pid, self.pidfd)
+            # stat and cgroup only: the uid is not compared, and status costs the most.
+            now = reader.placement(self.process.pid, self.pidfd)
         except ProcessGone:
             return "exited"
         except AttestationError as exc:
@@ -108,7 +109,7 @@ class Caller:
         return f"pid {self.process.pid} ({where})"
 
 
-def _where(process: ProcessIdentity) -> str:
+def _where(process: ProcessIdentity | ProcessPlacement) -> str:
     if process.pod_uid is None:
         return "no pod"
     return f"pod {process.pod_uid} (container {(process.container_id or 'none')[:12]})"
