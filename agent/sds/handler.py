@@ -335,7 +335,10 @@ class SdsHandler(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[m
         state = view.caller_state
         first = not view.pushed
         view.pushed = True
-        self._log.log(logging.INFO if first else logging.DEBUG,
+        level = logging.INFO if first else logging.DEBUG
+        if not self._log.isEnabledFor(level):
+            return  # quoting every name of every push costs, on a rotation of 1,000 streams
+        self._log.log(level,
                       "SDS %s %s to %s (%s), version %s",
                       "serving" if first else "pushing", quote_names(resolution.secrets),
                       caller.describe(), ", ".join(state.spiffe_ids) if state else "?",
