@@ -72,8 +72,7 @@ def _spiffe_id(text: str) -> str:
 
 def _workload_spiffe_id(text: str) -> str:
     """A SPIFFE ID with a path (a workload's, not a trust domain's)."""
-    from spiffe import SpiffeId
-    from spiffe.spiffe_id.spiffe_id import SpiffeIdError
+    from spiffe.spiffe_id.spiffe_id import SpiffeId, SpiffeIdError
 
     try:
         parsed = SpiffeId(text)

@@ -96,8 +96,12 @@ def _start_envoy(work: Path) -> tuple[Child, str]:
     envoy = Child([str(wrapper), "-c", str(config), "--disable-hot-restart",
                    "--concurrency", "1", "--use-dynamic-base-id", "--admin-address-path",
                    str(address_file), "-l", "warning"], directory / "envoy.log").start()
-    wait_for(lambda: envoy.alive() and address_file.exists()
-             and bool(address_file.read_text().strip()), 30, "Envoy's admin address")
+    try:
+        wait_for(lambda: envoy.alive() and address_file.exists()
+                 and bool(address_file.read_text().strip()), 30, "Envoy's admin address")
+    except BaseException:
+        envoy.stop()
+        raise
     return envoy, address_file.read_text().strip()
 
 

@@ -192,7 +192,12 @@ def start_proxy(work: Path, name: str, pods: list[tuple[str, str]], first_index:
         except OSError:
             return False
 
-    wait_for(live, 120, f"Envoy {name} to hold every pod's SVID (/ready LIVE)", pause=0.1)
+    try:
+        wait_for(live, 120, f"Envoy {name} to hold every pod's SVID (/ready LIVE)",
+                 pause=0.1)
+    except BaseException:
+        envoy.stop()
+        raise
     return envoy
 
 

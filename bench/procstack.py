@@ -136,7 +136,11 @@ def dev_spire(work: Path, entries_path: Path) -> Child:
                    "--trust-domain", TD, "--entries", str(entries_path),
                    "--authorized-delegate", DELEGATE, "--reload-interval", "0.2s",
                    "--log-level", "warning"], work / "dev-spire.log", python_env()).start()
-    wait_for(lambda: child.alive() and socket.exists(), 30, "dev-spire")
+    try:
+        wait_for(lambda: child.alive() and socket.exists(), 30, "dev-spire")
+    except BaseException:
+        child.stop()
+        raise
     return child
 
 
