@@ -10,7 +10,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import spiffe
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -22,7 +21,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 from spiffe.errors import PySpiffeError
+from spiffe.spiffe_id.spiffe_id import SpiffeId
 from spiffe.svid.errors import InvalidIntermediateCertificateError, InvalidLeafCertificateError
+from spiffe.svid.x509_svid import X509Svid as PySpiffeX509Svid
 from spiffe.utils.errors import ParsePrivateKeyError
 
 from agent.errors import SvidPending, SvidRejected
@@ -194,7 +195,7 @@ def validate_x509_svid(
     leaf = chain[0]
 
     try:
-        expected_id = spiffe.SpiffeId(svid.spiffe_id)
+        expected_id = SpiffeId(svid.spiffe_id)
     except PySpiffeError as exc:
         raise _reject(svid, "malformed", f"id field is not a SPIFFE ID: {exc}") from None
 
@@ -234,7 +235,7 @@ def validate_x509_svid(
     # RFC 5280 schema, which was 1.1 ms of the 2 ms this function took per SVID, on every
     # rotation (docs/profiles/rotation-agent-validate.txt); the checks are the same.
     try:
-        parsed = spiffe.X509Svid.parse(_pem_chain(chain), _pem_private_key(svid.private_key))
+        parsed = PySpiffeX509Svid.parse(_pem_chain(chain), _pem_private_key(svid.private_key))
     except InvalidIntermediateCertificateError as exc:
         raise _reject(svid, "untrusted_chain", f"intermediate certificate: {exc}") from None
     except InvalidLeafCertificateError as exc:
