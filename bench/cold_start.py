@@ -241,11 +241,14 @@ def _result(results: list[dict[str, float]], floor_pass: list[float],
         "`default`. Floors: `python -c pass` and `python -c 'import grpc, "
         "cryptography'`, exec to exit, in the same run.",
     ]
-    p50 = percentile(held, 50)
-    if p50 >= TARGET_MS:
+    p50, p99 = percentile(held, 50), percentile(held, 99)
+    if p50 >= TARGET_MS or p99 >= TARGET_MS:
+        verdict = (f"**Cold-start target missed** by {p50 - TARGET_MS:.0f} ms at p50 "
+                   f"({p50:.0f} ms; p99 {p99:.0f} ms)" if p50 >= TARGET_MS else
+                   f"**The p50 meets the target ({p50:.0f} ms); the p99 does not** "
+                   f"({p99:.0f} ms, {p99 - TARGET_MS:.0f} ms over)")
         notes.append(
-            f"**Cold-start target missed** by {p50 - TARGET_MS:.0f} ms at p50 "
-            f"({p50:.0f} ms; p99 {percentile(held, 99):.0f} ms). Where it goes: "
+            f"{verdict}. Where it goes: "
             f"{percentile(socket, 50):.0f} ms (p50) until the socket exists, of which "
             f"{percentile(floor_imports, 50):.0f} ms is the interpreter with grpc and "
             "cryptography; Envoy's wait for the `default` stream's next reconnect, "
