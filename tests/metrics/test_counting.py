@@ -5,6 +5,7 @@ and push-to-ACK latency in the handler. No Envoy, no root."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry
 
 from agent.attest import ProcessGone, ProcReader
-from agent.attest.procfs import ProcessIdentity
+from agent.attest.procfs import ProcessIdentity, ProcessPlacement
 from agent.attest.verifier import ProcessTarget, VerifierSettings, VerifierStats, X509Verifier
 from agent.cache import CacheSettings, Identity, KeyMode, SvidCache, WorkloadUid
 from agent.clock import ManualClock
@@ -180,6 +181,12 @@ class ReusedAfter(ProcReader):
             return ProcessIdentity(pid=found.pid, start_time=found.start_time + 1,
                                    uid=found.uid, pod_uid=found.pod_uid,
                                    container_id=found.container_id)
+        return found
+
+    def placement(self, pid: int, pidfd: int | None = None) -> ProcessPlacement:
+        found = super().placement(pid, pidfd)  # what re-checks read
+        if self.reuse and pid == self.pid:
+            return dataclasses.replace(found, start_time=found.start_time + 1)
         return found
 
 
