@@ -538,10 +538,19 @@ def _command(args: argparse.Namespace) -> Body:
                               attestation=args.attestation, workdir=args.workdir)
         return lambda stop: run_demo(options, stop)
     if args.command == "run":
-        from agent.runner import run_agent
+        from agent.uds.listener import bind_unix_listener
 
         agent = agent_settings(args)
-        return lambda stop: run_agent(agent, stop)
+        # Bound before grpc and the agent's modules are imported: an Envoy reconnecting
+        # meanwhile lands in the listen backlog instead of backing off again.
+        try:
+            listener = bind_unix_listener(agent.sds_socket, mode=agent.sds_socket_mode,
+                                          group=agent.sds_socket_group)
+        except SpiffeDelegateError:
+            listener = None  # the agent's start-up reports it, as before (exit status 1)
+        from agent.runner import run_agent
+
+        return lambda stop: run_agent(agent, stop, listener)
     from agent.devspire.server import serve_dev_spire
 
     dev = dev_spire_settings(args)

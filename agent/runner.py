@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -170,7 +171,8 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, *, reader: ProcReader | None = None,
                  clock: Clock | None = None, follow_own_identity: bool = True,
-                 heap_trimmer: HeapTrimmer | None = None) -> None:
+                 heap_trimmer: HeapTrimmer | None = None,
+                 sds_listener: socket.socket | None = None) -> None:
         self.settings = settings
         # ``run`` passes one (the process is the agent's own); in-process tests need none.
         self._heap_trimmer = heap_trimmer
@@ -195,7 +197,7 @@ class Agent:
             view=ViewSettings(names=settings.sds_names, trust_domain=settings.trust_domain,
                               trusted_proxies=frozenset(settings.trusted_proxies)),
             limits=settings.sds_limits),
-            self.cache, reader=self._reader, observer=sds_acks)
+            self.cache, reader=self._reader, observer=sds_acks, listener=sds_listener)
         # Every metric of this agent registers here (never prometheus_client's global
         # REGISTRY): agent/metrics fills it, the metrics endpoint serves it.
         self.metrics_registry = CollectorRegistry(auto_describe=True)
@@ -369,11 +371,12 @@ class Agent:
         await self.close()
 
 
-async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
+async def run_agent(settings: AgentSettings, stop: asyncio.Event,
+                    sds_listener: socket.socket | None = None) -> None:
     """The ``run`` command's body. The caller sets ``stop`` on SIGTERM or SIGINT; while
     the agent then drains, this takes those two signals over so that a second one ends the
     drain at once (:meth:`Agent.hurry`), and hands them back to ``stop.set`` after."""
-    agent = Agent(settings, heap_trimmer=HeapTrimmer())
+    agent = Agent(settings, heap_trimmer=HeapTrimmer(), sds_listener=sds_listener)
     await agent.start()
     try:
         await agent.run(stop)

@@ -28,7 +28,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from agent.sds.resources import SECRET_TYPE_URL
-from agent.sds.sotw import Held, new_nonce, remember_rejected, secret_digest
+from agent.sds.sotw import Held, new_nonce, remember_rejected, secret_digest, slim_node
 
 __all__ = ["DeltaOutcome", "DeltaProtocol"]
 
@@ -80,7 +80,7 @@ class DeltaProtocol:
 
     def on_request(self, request: Any) -> DeltaOutcome:
         if request.HasField("node"):
-            self.node = request.node
+            self.node = slim_node(request.node)
         detail = request.error_detail.message if request.HasField("error_detail") else ""
         acked: tuple[str, ...] = ()
         nacked: tuple[str, ...] = ()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from spiffe import SpiffeId
-from spiffe.spiffe_id.spiffe_id import SpiffeIdError
+from spiffe.spiffe_id.spiffe_id import SpiffeId, SpiffeIdError
 
 from agent.attest.cgroups import is_pod_uid
 from agent.errors import ConfigError

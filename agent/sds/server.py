@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import grp
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,14 +71,16 @@ class SdsServer:
     def __init__(self, settings: SdsSettings, cache: WatchSource, *,
                  reader: ProcReader | None = None, stats: SdsStats | None = None,
                  observer: SdsObserver | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 listener: socket.socket | None = None) -> None:
         self.settings = settings
         self._log = logger if logger is not None else _LOG
         limits = settings.limits
         self._relay = PeerCredentialRelay(settings.socket_path, mode=settings.socket_mode,
                                           group=settings.socket_group,
                                           max_connections=limits.max_connections,
-                                          handshake_timeout=limits.handshake_timeout)
+                                          handshake_timeout=limits.handshake_timeout,
+                                          listener=listener)
         self.handler = SdsHandler(cache, self._relay.lookup, settings=settings.view,
                                   reader=reader, stats=stats,
                                   fetch_timeout=settings.fetch_timeout, observer=observer,

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from agent.sds.resources import SECRET_TYPE_URL
@@ -82,6 +83,20 @@ def remember_rejected(rejected: dict[str, list[str]], name: str, digest: str) ->
         del bucket[:-_MAX_REJECTED]
 
 
+def slim_node(node: Any) -> Any:
+    """What the agent reads of Envoy's Node (resources.py: user agent build version,
+    metadata), copied out of the request. Keeping ``request.node`` itself would pin the
+    whole decoded first request (upb keeps a sub-message's arena alive): Envoy's Node
+    lists its ~500 extensions, ~60 kB on the wire, ~180 kB decoded, per stream."""
+    kept = base_pb2.Node(id=node.id, cluster=node.cluster,
+                         user_agent_name=node.user_agent_name)
+    if node.HasField("metadata"):
+        kept.metadata.CopyFrom(node.metadata)
+    if node.HasField("user_agent_build_version"):
+        kept.user_agent_build_version.CopyFrom(node.user_agent_build_version)
+    return kept
+
+
 class SotwProtocol:
     """One stream's protocol state; the handler feeds it requests and resolutions."""
 
@@ -124,7 +139,7 @@ class SotwProtocol:
 
     def on_request(self, request: Any) -> RequestOutcome:
         if request.HasField("node"):
-            self.node = request.node  # set_node_on_first_message_only: keep the first
+            self.node = slim_node(request.node)  # set_node_on_first_message_only
         detail = request.error_detail.message if request.HasField("error_detail") else ""
         acked: tuple[str, ...] = ()
         nacked: tuple[str, ...] = ()

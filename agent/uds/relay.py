@@ -63,8 +63,10 @@ class PeerCredentialRelay:
 
     def __init__(self, public_path: str | Path, *, mode: int = 0o666, group: int | None = None,
                  backlog: int = 512, max_connections: int = 4096,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0,
+                 listener: socket.socket | None = None) -> None:
         self.public_path = Path(public_path)
+        self._listener = listener
         self._mode = mode
         self._group = group
         self._backlog = backlog
@@ -106,8 +108,9 @@ class PeerCredentialRelay:
         return self._server is not None and self._server.is_serving()
 
     async def start(self) -> None:
-        sock = bind_unix_listener(self.public_path, mode=self._mode, group=self._group,
-                                  backlog=self._backlog)
+        sock = self._listener or bind_unix_listener(
+            self.public_path, mode=self._mode, group=self._group, backlog=self._backlog)
+        self._listener = None
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock,
                                                        limit=_CHUNK)
 
