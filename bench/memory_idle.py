@@ -385,8 +385,8 @@ def _result(stages: dict[str, list[dict[str, int]]], floor: list[dict[str, int]]
             "~180 kB decoded, 17.9 of the 29.4 MB a 100-stream Envoy left alive. Copying "
             "only the fields `agent/sds/resources.py` reads (id, cluster, user agent, "
             "metadata) cut that to 11.7 MB; with the heap trimmer, 1,000 pods measured "
-            "176 MB instead of 333 MB (the change to `agent/sds/sotw.py` and "
-            "`agent/sds/delta.py` is pending: see the issue's report). (2) What is left, "
+            "176 MB instead of 333 MB (`slim_node` in `agent/sds/sotw.py`, used by "
+            "`delta.py` too: in the figures above). (2) What is left, "
             "about 100 kB a pod, is the shape of the code rather than a leak "
             "(`docs/profiles/memory-python-objects.txt`): per pod the agent holds an SDS "
             "stream and a SPIRE subscription, each a gRPC call (C-core call arena, HTTP/2 "
@@ -398,7 +398,7 @@ def _result(stages: dict[str, list[dict[str, int]]], floor: list[dict[str, int]]
             "What would close it: far fewer tasks per stream and per subscription (one "
             "task per SDS stream reading and writing, watches as callbacks rather than "
             "waiting tasks), one SPIRE subscription per SPIFFE ID where pods share one "
-            "(`--cache-key identity`), and the node trim above; even then ~1,000 gRPC "
+            "(`--cache-key identity`); even then ~1,000 gRPC "
             "calls on each side stay at roughly 35 MB, so 80 MB at 1,000 pods would "
             "need SPIRE subscriptions shared across pods, not just leaner Python.")
     return BenchResult("memory", TITLE, rows, details, notes)

@@ -96,7 +96,7 @@ def render(data: dict[str, Any], old_doc: str) -> str:
         "figure is set beside a floor or a peer measured in the same run: this machine is",
         "shared and noisy, so absolute times alone mean little, ratios a lot more.",
         "",
-        "Reproduce (about five minutes, nothing else running):",
+        "Reproduce (about two minutes on 2 cores, as root, nothing else running):",
         "",
         "```sh",
         "bash .ci/setup.sh            # once: the venv, Envoy, the registry",
