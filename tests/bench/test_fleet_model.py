@@ -148,7 +148,10 @@ def test_inputs_prefer_this_run_then_stored_then_assumed() -> None:
     assert got.get("identity_mode.svids_identity") is None  # optional, absent
 
 
-def test_run_is_fast_and_reports_figures_not_samples(tmp_path: Path) -> None:
+def test_run_is_fast_and_reports_figures_not_samples(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a fresh clone before any run: no stored results, so most inputs are assumed.
+    monkeypatch.setattr(fm, "stored_results", lambda path=None: {})
     started = time.perf_counter()
     result = fm.run(Context(workdir=tmp_path, earlier=measured(memory__rss_mb_110_pods=90.0)))
     assert time.perf_counter() - started < 1.0

@@ -221,7 +221,12 @@ async def _run(plan: Plan, record_property: RecordProperty, work: Path, envoy_di
         agent.start()
         await eventually(lambda: agent.alive_and((work / "sds.sock").exists()), timeout=60,
                          what="the agent's SDS socket")
-        await envoy.astart(wait_ready=True, timeout=plan.round_timeout)
+        try:
+            await envoy.astart(wait_ready=True, timeout=plan.round_timeout)
+        except AssertionError as exc:  # say what the agent was doing meanwhile
+            agent.check_alive()
+            raise AssertionError(f"{exc}\n--- the agent (still running) ---"
+                                 f"{agent.log_tail()}") from None
         await _envoy_holds(envoy, spire, identities, plan.round_timeout)
         loop.start()
         await eventually(lambda: loop.ok >= len(identities) or loop.failed > 0, timeout=60,
