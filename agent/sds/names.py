@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from spiffe.spiffe_id.spiffe_id import SpiffeId, SpiffeIdError
-
 from agent.attest.cgroups import is_pod_uid
 from agent.errors import ConfigError
 
@@ -107,6 +105,11 @@ def classify(name: str, names: SdsNames) -> RequestedName:
         return RequestedName(name, NameKind.INVALID, problem=(
             "not a pod UID after 'workload:' (lower-case 8-4-4-4-12 hex with dashes)"))
     if name.startswith(SPIFFE_SCHEME):
+        # Imported here, not at the top: `spiffe`'s package __init__ loads grpc and its
+        # Workload API client (~130 ms), and this module is on the path `run` takes before
+        # it binds the SDS socket.
+        from spiffe.spiffe_id.spiffe_id import SpiffeId, SpiffeIdError
+
         try:
             spiffe_id = SpiffeId(name)
         except SpiffeIdError as error:
