@@ -24,6 +24,7 @@ from agent.sds.names import RESOURCE_KINDS
 from agent.sds.stats import SdsStats
 from agent.spire.client import ClientStatus
 from agent.spire.validation import VerifiedSvid
+from agent.uds.relay import REJECTIONS
 
 __all__ = [
     "CACHED_KINDS",
@@ -71,6 +72,9 @@ class SdsSource(Protocol):
     @property
     def stats(self) -> SdsStats: ...
 
+    @property
+    def rejected_connections(self) -> Mapping[str, int]: ...
+
 
 def kind_of(key: CompositeId) -> str:
     """The ``kind`` label of a cache entry's composite ID."""
@@ -116,7 +120,8 @@ class AgentCollector:
 
     def _read(self) -> _Snapshot:
         return _Snapshot(self._client.status, self._source.stats, self._cache.stats,
-                         self._cache.cached_svids(), self._sds.stats, self._clock.time())
+                         self._cache.cached_svids(), self._sds.stats,
+                         self._sds.rejected_connections, self._clock.time())
 
     def _families(self, snap: _Snapshot | None) -> Iterator[Metric]:
         yield from self._spire(snap)
@@ -210,8 +215,18 @@ class AgentCollector:
         nacks = CounterMetricFamily(
             PREFIX + "sds_nacks", "Resources NACKed (refused) by SDS clients, by resource kind",
             labels=["resource"])
+        rejected = CounterMetricFamily(
+            PREFIX + "sds_connections_rejected",
+            "Connections to the SDS socket closed before reaching gRPC, by reason",
+            labels=["reason"])
+        over_limits = CounterMetricFamily(
+            PREFIX + "sds_requests_over_limits",
+            "SDS requests refused for going over a --sds-max-* limit (too many or too long "
+            "names, too many streams on a connection)")
         if snap is not None:
             stats = snap.sds
+            _by_label(rejected, REJECTIONS, snap.rejected_connections)
+            over_limits.add_metric([], stats.over_limits)
             open_now.add_metric([], stats.streams_active)
             opened.add_metric(["sotw"], stats.streams_opened)
             opened.add_metric(["delta"], stats.delta_streams_opened)
@@ -223,6 +238,8 @@ class AgentCollector:
         yield pushes
         yield acks
         yield nacks
+        yield rejected
+        yield over_limits
 
 
 @dataclass(frozen=True)
@@ -234,4 +251,5 @@ class _Snapshot:
     cache: CacheStats
     cached: Mapping[CompositeId, Mapping[str, VerifiedSvid]]
     sds: SdsStats
+    rejected_connections: Mapping[str, int]
     now: float

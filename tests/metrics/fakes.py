@@ -37,3 +37,4 @@ class FakeCache:
 @dataclass
 class FakeSds:
     stats: SdsStats = field(default_factory=SdsStats)
+    rejected_connections: dict[str, int] = field(default_factory=dict)

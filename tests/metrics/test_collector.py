@@ -45,6 +45,8 @@ EVERY_FAMILY = {
     "spiffe_delegate_sds_pushes": "counter",
     "spiffe_delegate_sds_acks": "counter",
     "spiffe_delegate_sds_nacks": "counter",
+    "spiffe_delegate_sds_connections_rejected": "counter",
+    "spiffe_delegate_sds_requests_over_limits": "counter",
     "spiffe_delegate_sds_push_ack_seconds": "histogram",
     "spiffe_delegate_asyncio_tasks": "gauge",
     "spiffe_delegate_threads": "gauge",
@@ -97,6 +99,10 @@ def test_every_family_is_there_with_its_type_before_anything_happened() -> None:
         "sotw": 0, "delta": 0}
     assert set(result.by_label("spiffe_delegate_sds_pushes_total", "resource")) == {
         "default", "ROOTCA", "ALL", "trust_domain", "spiffe_id", "workload"}
+    assert result.by_label("spiffe_delegate_sds_connections_rejected_total", "reason") == {
+        "http1": 0, "tls": 0, "not_http2": 0, "handshake_timeout": 0,
+        "too_many_connections": 0}
+    assert result.value("spiffe_delegate_sds_requests_over_limits_total") == 0
     assert result.samples("spiffe_delegate_svid_expiry_seconds") == []
     # The standard process metrics ride along in the same registry.
     assert result.value("process_open_fds") > 0

@@ -4,6 +4,7 @@ registry, parsed back, must show every metric with a value that fits what happen
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -96,6 +97,15 @@ async def test_every_metric_after_real_envoy_traffic(work_dir: Path, as_user: As
         await eventually(lambda: sum(sds.acks_by_kind.values()) >= 4,
                          what="Envoy's ACKs of the pushes")
 
+        # HTTP/1.1 on the SDS socket (a misconfigured cluster) is answered 400 and counted.
+        reader, writer = await asyncio.open_unix_connection(str(agent.settings.sds_socket))
+        writer.write(b"GET / HTTP/1.1\r\nHost: sds\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        await eventually(lambda: agent.sds.rejected_connections.get("http1") == 1,
+                         what="the HTTP/1.1 connection to be counted")
+
         assert agent.metrics_address is not None
         result = await scrape_endpoint(agent.metrics_address)  # over HTTP, as Prometheus
         envoy_pid = envoy.pid
@@ -145,6 +155,10 @@ async def test_every_metric_after_real_envoy_traffic(work_dir: Path, as_user: As
     check(result.value("spiffe_delegate_sds_acks_total", resource="default") >= 3, "ACKs")
     check(result.value("spiffe_delegate_sds_acks_total", resource="ROOTCA") >= 1, "ACKs")
     check(result.total("spiffe_delegate_sds_nacks_total") == 0, "no NACK")
+    rejected = result.by_label("spiffe_delegate_sds_connections_rejected_total", "reason")
+    check(rejected == {"http1": 1, "tls": 0, "not_http2": 0, "handshake_timeout": 0,
+                       "too_many_connections": 0}, f"the HTTP/1.1 connection: {rejected}")
+    check(result.value("spiffe_delegate_sds_requests_over_limits_total") == 0, "no over-limit")
     ack = "spiffe_delegate_sds_push_ack_seconds"
     check(result.value(f"{ack}_count") >= 4, "push-to-ACK observations")
     check(0 < result.value(f"{ack}_sum") < 10 * result.value(f"{ack}_count"),
