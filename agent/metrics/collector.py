@@ -221,8 +221,8 @@ class AgentCollector:
             labels=["reason"])
         over_limits = CounterMetricFamily(
             PREFIX + "sds_requests_over_limits",
-            "SDS requests refused for going over a --sds-max-* limit (too many or too long "
-            "names, too many streams on a connection)")
+            "SDS requests refused for going over --sds-max-names or --sds-max-name-bytes "
+            "(too many names in one request, or a name too long)")
         if snap is not None:
             stats = snap.sds
             _by_label(rejected, REJECTIONS, snap.rejected_connections)
