@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from agent.config import AgentSettings, HostPort
 from agent.runner import Agent
+from bench import sampling
 from bench.harness import BenchResult, Context, Row
 from bench.pods import PodClient, Pods
-from bench.sampling import Sampler
 from bench.stack import TD, entry, start_dev_spire, start_floor
 
 #: BENCH_PROFILE=DIR: sample this process (agent and dev-spire) during the cold and warm
@@ -29,21 +26,10 @@ TARGET = "p50 <= 3x, p99 <= 5x"
 ANY_PORT = HostPort("127.0.0.1", 0)
 
 
-@contextlib.contextmanager
-def profiled(phase: str) -> Iterator[None]:
+def profiled(phase: str) -> contextlib.AbstractContextManager[None]:
     """With BENCH_PROFILE set: this process's main thread (the agent and dev-spire) sampled
     over ``phase`` (bench/sampling.py), written to DIR/first_svid-<phase>.txt."""
-    directory = os.environ.get(PROFILE_ENV)
-    if not directory:
-        yield
-        return
-    sampler = Sampler()
-    sampler.start()
-    try:
-        yield
-    finally:
-        Path(directory, f"first_svid-{phase}.txt").write_text(
-            sampler.stop_and_report(f"first_svid, {phase} phase"))
+    return sampling.profiled(PROFILE_ENV, f"first_svid-{phase}", f"first_svid, {phase} phase")
 
 
 def pod_id(index: int) -> str:

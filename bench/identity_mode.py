@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from typing import Any
 from agent.cache import sources
 from agent.devspire import DevSpire
 from agent.podsim import FakePod
+from bench import sampling
 from bench.harness import REPO, BenchResult, Context, Row
 from bench.pods import PodClient, Pods
-from bench.sampling import Sampler
 from bench.stack import TD, AgentChild, entry, start_dev_spire
 
 #: BENCH_PROFILE=DIR: the agent's main thread is sampled (bench/sampling.py) from just
@@ -37,7 +36,7 @@ PROFILE_ENV = "BENCH_PROFILE"
 PROFILE_PRELUDE = """
 import signal, sys
 sys.path.insert(0, %r)
-from bench.sampling import Sampler
+from bench import sampling
 _sampling = []
 def _toggle(signum, frame):
     if not _sampling:
@@ -75,20 +74,10 @@ def run(ctx: Context) -> BenchResult:
     return asyncio.run(_run(ctx))
 
 
-@contextlib.contextmanager
-def profiled(what: str) -> Iterator[None]:
+def profiled(what: str) -> contextlib.AbstractContextManager[None]:
     """This process's main thread (dev-spire) sampled, with BENCH_PROFILE set."""
-    directory = os.environ.get(PROFILE_ENV)
-    if not directory:
-        yield
-        return
-    sampler = Sampler()
-    sampler.start()
-    try:
-        yield
-    finally:
-        Path(directory, f"identity_mode-{what}.txt").write_text(
-            sampler.stop_and_report(f"identity_mode, {what} (in the benchmark's process)"))
+    return sampling.profiled(PROFILE_ENV, f"identity_mode-{what}",
+                             f"identity_mode, {what} (in the benchmark's process)")
 
 
 def _prelude(mode: str) -> str | None:

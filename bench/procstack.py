@@ -112,17 +112,21 @@ class Child:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
+        stop_process(self.process, timeout)
+
+
+def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; nothing if it is not running. Idempotent."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(timeout)
+            process.kill()
+        process.wait(timeout)
 
 
 def python_env() -> dict[str, str]:

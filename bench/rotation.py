@@ -24,7 +24,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 from agent.devspire import DevSpire, DevSpireSettings
 from bench.filesds import BUNDLE, CERT, KEY
 from bench.harness import REPO, BenchResult, Context, Row, percentile
+from bench.procstack import stop_process
 from bench.rotation_trace import AGENT_MARKS, ENVOY_LOG_FORMAT, write_timeline
 
 TD = "example.org"
@@ -117,17 +117,7 @@ class Child:
             raise RuntimeError(f"{self.name} is not running:\n{tail}")
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(10)
+        stop_process(self.process, 10)
 
 
 def agent_argv(work: Path) -> list[str]:

@@ -15,9 +15,12 @@ stack (inclusive), and the innermost frames (where the time is spent, idle inclu
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import sys
 import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 _INTERESTING = ("agent/", "spiffe/", "pyasn1/", "grpc/", "bench/")
@@ -92,3 +95,19 @@ class Sampler:
     def stop_and_report(self, title: str, top: int = 30) -> str:
         self.stop()
         return self.report(title, top)
+
+
+@contextlib.contextmanager
+def profiled(env: str, name: str, title: str) -> Iterator[None]:
+    """With the environment variable ``env`` naming a directory: this process's main thread
+    sampled while the block runs, the report written to ``<dir>/<name>.txt``."""
+    directory = os.environ.get(env)
+    if not directory:
+        yield
+        return
+    sampler = Sampler()
+    sampler.start()
+    try:
+        yield
+    finally:
+        Path(directory, f"{name}.txt").write_text(sampler.stop_and_report(title))

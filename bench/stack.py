@@ -3,10 +3,8 @@ agent as a child process."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -19,6 +17,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devspire import DevSpire, DevSpireSettings
+from bench.procstack import stop_process
 
 TD = "example.org"
 DELEGATE = f"spiffe://{TD}/spiffe-delegate"
@@ -138,15 +137,5 @@ class AgentChild:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``. Idempotent."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(timeout)
+        stop_process(self.process, timeout)
 
