@@ -8,7 +8,7 @@ import ctypes
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 _LOG = logging.getLogger("spiffe_delegate.run")
 
@@ -31,12 +31,8 @@ def limit_malloc_arenas(arenas: int = ARENAS,
     env = os.environ if environ is None else environ
     if "MALLOC_ARENA_MAX" in env:
         return False
-    try:
-        # The process's own symbols (libc among them): ctypes.util.find_library would
-        # run ldconfig in a subprocess, opening /dev/null and forking the agent.
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
@@ -46,11 +42,21 @@ def limit_malloc_arenas(arenas: int = ARENAS,
     return True
 
 
+def _libc_function(name: str) -> Any:
+    """The C library's ``name`` (a ctypes function), or None where it has none (musl).
+
+    Looked up among the process's own symbols (libc among them): ctypes.util.find_library
+    would run ldconfig in a subprocess, opening /dev/null and forking the agent."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none (musl)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols, as above
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes = (ctypes.c_size_t,)
     trim.restype = ctypes.c_int

@@ -330,9 +330,10 @@ def _parse_stat(pid: int, raw: bytes) -> tuple[str, int]:
 
 def _parse_real_uid(pid: int, raw: bytes) -> int:
     """The real uid: the first number of the ``Uid:`` line of /proc/<pid>/status."""
-    # The first line that starts with "Uid:" (found without splitting the whole file).
-    start = 0 if raw.startswith(b"Uid:") else raw.find(b"\nUid:") + 1
-    if start > 0 or raw.startswith(b"Uid:"):
+    # The first line that starts with "Uid:", found without splitting the whole file:
+    # with a newline put in front, every line starts after one.
+    start = (b"\n" + raw).find(b"\nUid:")  # where that line starts in ``raw``, or -1
+    if start >= 0:
         end = raw.find(b"\n", start)
         values = raw[start + 4:end if end >= 0 else None].split()
         if values and values[0].isdigit():

@@ -122,15 +122,6 @@ class StatePublisher:
         finally:
             self._waiters.discard(waiter)
 
-    async def next(self, after_version: int) -> CacheState:
-        while True:
-            if self._closed:
-                raise WatchClosed("the cache entry was closed")
-            latest = self._latest
-            if latest is not None and latest.version > after_version:
-                return latest
-            await self.changed()
-
 
 class Watch:
     """A handle on one workload's state, in the style of go-control-plane's watches.
