@@ -38,17 +38,25 @@ class CertsPoller:
         self.polls = 0
         self.poll_seconds = 0.0
 
-    def serials(self) -> set[int]:
+    def get(self, path: str) -> bytes:
+        """One GET on the kept-alive connection (made again after a failure)."""
         if self._connection is None:
             self._connection = http.client.HTTPConnection(self._host, self._port, timeout=5)
-        started = time.monotonic()
         try:
-            self._connection.request("GET", "/certs")
-            body = self._connection.getresponse().read()
+            self._connection.request("GET", path)
+            return self._connection.getresponse().read()
         except (OSError, http.client.HTTPException):
             self._connection.close()
             self._connection = None
             raise
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+    def serials(self) -> set[int]:
+        started = time.monotonic()
+        body = self.get("/certs")
         self.polls += 1
         self.poll_seconds += time.monotonic() - started
         return {int(m, 16) for m in _SERIAL.findall(body)}

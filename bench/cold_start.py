@@ -37,7 +37,6 @@ from bench.procstack import (
     dev_spire,
     entry,
     python_env,
-    setpriv_wrapper,
     stopping,
     wait_for,
     write_entries,
@@ -85,6 +84,7 @@ def _envoy_config(sds_socket: Path) -> dict[str, object]:
 
 def _start_envoy(work: Path) -> tuple[Child, str]:
     from agent.demo.envoy import envoy_binary
+    from tests.reliability.endurance_support import setpriv_wrapper
 
     directory = work / "envoy"
     directory.mkdir(mode=0o755)

@@ -22,14 +22,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.demo.chain import free_port
 from bench.harness import REPO, BenchResult, Context, Row
+from bench.procstack import cpu_seconds
 
 TD = "example.org"
 PROXY_ID = f"spiffe://{TD}/ns/bench/sa/trusted-proxy"
@@ -82,20 +83,6 @@ def _prelude(profile: str) -> str | None:
     if extra := os.environ.get(PRELUDE_ENV):
         parts.append(Path(extra).read_text())
     return "\n".join(parts) or None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    fields = raw[raw.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serialize_floor(identities: int, streams: int, repeats: int) -> list[float]:
@@ -236,12 +223,12 @@ async def _peer_rounds(work: Path, identities: int, rotations: int
         await client.round(0)
         for number in range(1, rotations + 1):
             await asyncio.sleep(0.3)
-            before = _cpu_seconds(peer.pid)
+            before = cpu_seconds(peer.pid)
             rotated = time.monotonic()
             os.kill(peer.pid, signal.SIGUSR1)
             record = await client.round(number)
             reached.append(record["last"] - rotated)
-            cpu.append(_cpu_seconds(peer.pid) - before)
+            cpu.append(cpu_seconds(peer.pid) - before)
     finally:
         if client is not None:
             await client.stop()
@@ -304,7 +291,7 @@ async def _run(ctx: Context) -> BenchResult:
              str(work / "sds.sock"), "--trust-domain", TD, "--trusted-proxy", PROXY_ID,
              "--health-address", "off", "--shutdown-grace", "2s", "--log-level",
              os.environ.get("FANOUT_AGENT_LOG_LEVEL", "warning"), "--log-format", "json"],
-            log_path=work / "agent.log", metrics_port=_free_port(),
+            log_path=work / "agent.log", metrics_port=free_port(),
             prelude=_prelude(profile))
         agent.start()
         running = agent
@@ -319,15 +306,15 @@ async def _run(ctx: Context) -> BenchResult:
             os.kill(agent.pid, signal.SIGUSR2)
         for number in range(1, rotations + 1):
             await asyncio.sleep(0.5)  # the ACKs land, the agent is idle again
-            agent_before, client_before = _cpu_seconds(agent.pid), _cpu_seconds(client.pid)
+            agent_before, client_before = cpu_seconds(agent.pid), cpu_seconds(client.pid)
             rotated = time.monotonic()
             await spire.rotate_now()
             minted.append(time.monotonic() - rotated)
             record = await client.round(number)
             fanout.append(record["last"] - rotated)
             first.append(record["first"] - rotated)
-            agent_cpu.append(_cpu_seconds(agent.pid) - agent_before)
-            client_cpu.append(_cpu_seconds(client.pid) - client_before)
+            agent_cpu.append(cpu_seconds(agent.pid) - agent_before)
+            client_cpu.append(cpu_seconds(client.pid) - client_before)
         if profile:
             os.kill(agent.pid, signal.SIGUSR2)
             await eventually(lambda: Path(f"{profile}.agent.txt").exists(), timeout=30,

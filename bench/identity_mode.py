@@ -15,18 +15,19 @@ import contextlib
 import inspect
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.cache import sources
+from agent.demo.chain import free_port
 from agent.devspire import DevSpire
 from agent.podsim import FakePod
 from bench import sampling
 from bench.harness import REPO, BenchResult, Context, Row
 from bench.pods import PodClient, Pods
+from bench.procstack import cpu_seconds
 from bench.stack import TD, AgentChild, entry, start_dev_spire
 
 #: BENCH_PROFILE=DIR: the agent's main thread is sampled (bench/sampling.py) from just
@@ -99,19 +100,6 @@ def _scans_shared() -> bool:
     return "PodScans" in inspect.getsource(sources)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` (all its threads), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -161,8 +149,8 @@ async def _one_mode(mode: str, work: Path, entries: list[dict[str, Any]],
     agent = AgentChild(
         ["--spire-admin-socket", str(directory / "admin.sock"), "--sds-socket", str(sds),
          "--trust-domain", TD, "--trusted-proxy", PROXY_ID, "--cache-key", mode,
-         "--health-address", f"127.0.0.1:{_free_port()}", "--log-level", "warning"],
-        directory / "agent.log", _free_port(), prelude=_prelude(mode))
+         "--health-address", f"127.0.0.1:{free_port()}", "--log-level", "warning"],
+        directory / "agent.log", free_port(), prelude=_prelude(mode))
     try:
         agent.start()
         await _wait_for(sds, agent)
@@ -175,10 +163,10 @@ async def _one_mode(mode: str, work: Path, entries: list[dict[str, Any]],
         rss_before = _rss_mb(agent.pid)
         cached_before = await _cached(agent)
         _toggle_profile(agent)
-        cpu_before = _cpu_seconds(agent.pid)
+        cpu_before = cpu_seconds(agent.pid)
         with profiled(f"devspire-{mode}"):
             served = await proxy.ask("workloads " + ",".join(p.pod_uid for p in workers))
-        cpu_served = _cpu_seconds(agent.pid) - cpu_before
+        cpu_served = cpu_seconds(agent.pid) - cpu_before
         await _settle(spire)
         _toggle_profile(agent)
         cached = await _cached(agent) - cached_before

@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.demo.chain import free_port
 from bench.harness import BenchResult, Context, Row
 from bench.procstack import (
     ENVOY_UID,
@@ -38,7 +39,6 @@ from bench.procstack import (
     dev_spire,
     entry,
     python_env,
-    setpriv_wrapper,
     status_kb,
     stopping,
     wait_for,
@@ -72,12 +72,6 @@ for name in open(sys.argv[1]).read().split():
 print("ready", flush=True)
 time.sleep(600)
 """
-
-
-def _free_port() -> int:
-    from agent.demo.chain import free_port
-
-    return free_port()
 
 
 class Metrics:
@@ -164,14 +158,15 @@ def start_proxy(work: Path, name: str, pods: list[tuple[str, str]], first_index:
     # not this package's to type-check).
     support = importlib.import_module("tests.reliability.endurance_support")
     PodIdentity, proxy_config = support.PodIdentity, support.proxy_config
+    setpriv_wrapper = support.setpriv_wrapper
 
     directory = work / name
     directory.mkdir(mode=0o755)
     os.chown(directory, ENVOY_UID, ENVOY_UID)
     identities = [PodIdentity(first_index + i, uid, spiffe_id)
                   for i, (uid, spiffe_id) in enumerate(pods)]
-    config = proxy_config(sds_socket=work / "sds.sock", front_port=_free_port(),
-                          pods_port=_free_port(), proxy_id=PROXY_ID, pods=identities)
+    config = proxy_config(sds_socket=work / "sds.sock", front_port=free_port(),
+                          pods_port=free_port(), proxy_id=PROXY_ID, pods=identities)
     config["node"] = {"id": f"bench-{name}", "cluster": "bench"}
     path = directory / "bootstrap.json"
     path.write_text(json.dumps(config))
@@ -237,7 +232,7 @@ def run(ctx: Context) -> BenchResult:
                                 *(entry(spiffe_id, f"k8s:pod-uid:{uid}")
                                   for uid, spiffe_id in pods)])
         spire = dev_spire(work, entries)
-        metrics_port = _free_port()
+        metrics_port = free_port()
         agent = Child(agent_command(work, "--trusted-proxy", PROXY_ID, "--health-address",
                                     "127.0.0.1:0", "--metrics-address",
                                     f"127.0.0.1:{metrics_port}", prelude=MODULES_PRELUDE),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.envoyproc import stop_process
 
 TD = "example.org"
 DELEGATE = f"spiffe://{TD}/spiffe-delegate"
@@ -115,20 +116,6 @@ class Child:
         stop_process(self.process, timeout)
 
 
-def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; nothing if it is not running. Idempotent."""
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        process.wait(timeout)
-
-
 def python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -159,16 +146,6 @@ def agent_command(work: Path, *extra: str, prelude: str | None = None) -> list[s
     code = (prelude + "\nimport sys\nfrom agent.cli import main\n"
             "sys.argv = ['spiffe-delegate', *sys.argv[1:]]\nsys.exit(main())\n")
     return [sys.executable, "-c", code, *options]
-
-
-def setpriv_wrapper(directory: Path, binary: Path, uid: int) -> Path:
-    """An executable running ``binary`` as ``uid`` (Envoy's own identity in the entries)."""
-    wrapper = directory / "as-user"
-    wrapper.write_text("#!/bin/sh\n"
-                       f"exec setpriv --reuid={uid} --regid={uid} --clear-groups "
-                       f'"{binary}" "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
 
 
 @contextlib.contextmanager

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import subprocess
@@ -35,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.devspire import DevSpire, DevSpireSettings
+from bench.certspoll import CertsPoller
 from bench.filesds import BUNDLE, CERT, KEY
 from bench.harness import REPO, BenchResult, Context, Row, percentile
-from bench.procstack import stop_process
+from bench.procstack import cpu_seconds
 from bench.rotation_trace import AGENT_MARKS, ENVOY_LOG_FORMAT, write_timeline
+from tests.envoyproc import stop_process
 
 TD = "example.org"
 DELEGATE = f"spiffe://{TD}/spiffe-delegate"
@@ -50,7 +50,6 @@ INPLACE_WAIT = 0.3      # how long the in-place Envoy gets to show each rotation
 TARGET = "p50 < 1x, p99 < 1x"
 TIMED = ("sds", "rename", "swap")   # measured on every rotation
 FILE_MODES = ("rename", "swap")
-_SERIAL = re.compile(rb'"serial_number":\s*"([0-9A-Fa-f]+)"')
 
 # The agent under cProfile; the stats are written on its way out (run ends with os._exit
 # after its drain, which skips the interpreter's exit handlers).
@@ -110,6 +109,11 @@ class Child:
                                             stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                             start_new_session=True)
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} was not started"
+        return self.process.pid
 
     def check(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -197,43 +201,12 @@ def _trace_options() -> dict[str, Any]:
 
 # --- watching Envoy -----------------------------------------------------------------------
 
-class Admin:
-    """One Envoy's admin API on a kept-alive connection (one thread at a time)."""
+class Admin(CertsPoller):
+    """One Envoy's admin API on a kept-alive connection (one thread at a time): its
+    ``/certs`` as bench.certspoll polls it, and its ``sds.*`` counters."""
 
     def __init__(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        self._host, self._port = host, int(port)
-        self._connection: http.client.HTTPConnection | None = None
-        self.polls = 0
-        self.poll_seconds = 0.0
-
-    def get(self, path: str) -> bytes:
-        if self._connection is None:
-            self._connection = http.client.HTTPConnection(self._host, self._port, timeout=5)
-        try:
-            self._connection.request("GET", path)
-            return self._connection.getresponse().read()
-        except (OSError, http.client.HTTPException):
-            self._connection.close()
-            self._connection = None
-            raise
-
-    def serials(self) -> set[int]:
-        started = time.monotonic()
-        body = self.get("/certs")
-        self.polls += 1
-        self.poll_seconds += time.monotonic() - started
-        return {int(m, 16) for m in _SERIAL.findall(body)}
-
-    def wait_for(self, serial: int, timeout: float = SEEN_TIMEOUT) -> float | None:
-        """Monotonic time of the first ``/certs`` answer showing ``serial``; None on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if serial in self.serials():
-                return time.monotonic()
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(POLL_INTERVAL)
+        super().__init__(address, POLL_INTERVAL)
 
     def counters(self) -> dict[str, int]:
         """The ``sds.*`` counters (file-based secrets count there too)."""
@@ -244,9 +217,6 @@ class Admin:
                 out[name] = int(value)
         return out
 
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
 
 
 @dataclass
@@ -270,13 +240,6 @@ class Seen:
         """Loads of a certificate with a key that does not match it (Envoy keeps the old
         pair and counts ``key_rotation_failed``), plus any rejected update."""
         return self.delta("key_rotation_failed") + self.delta("update_rejected")
-
-
-def cpu_seconds(child: Child) -> float:
-    """User + system CPU the child has used so far (its threads included)."""
-    assert child.process is not None
-    fields = Path(f"/proc/{child.process.pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def helper_writes(out: Path) -> dict[int, float]:
@@ -354,26 +317,14 @@ def run(ctx: Context) -> BenchResult:
     return summarise(outcome)
 
 
-def _as_envoy_uid(directory: Path) -> Path:
-    """A wrapper running the real Envoy as ENVOY_UID (setpriv, not Popen(user=): with
-    gRPC threads in this process a fork can crash the child, see tests/sds_server)."""
-    from tests.envoyproc import envoy_binary
-
-    wrapper = directory / "envoy-as-user"
-    wrapper.write_text("#!/bin/sh\n"
-                       f"exec setpriv --reuid={ENVOY_UID} --regid={ENVOY_UID} "
-                       f'--clear-groups {shlex.quote(str(envoy_binary()))} "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 def _files_ready(directory: Path) -> Callable[[], bool]:
     return lambda: all((directory / name).exists() for name in (CERT, KEY, BUNDLE))
 
 
 async def measure(work: Path, files_root: Path, rotations: int,
                   inplace_rotations: int) -> Outcome:
-    from tests.envoyproc import EnvoyProcess, sds_bootstrap
+    from tests.envoyproc import EnvoyProcess, envoy_binary, sds_bootstrap
+    from tests.reliability.endurance_support import setpriv_wrapper
 
     spire = DevSpire(DevSpireSettings(socket_path=str(work / "admin.sock"), trust_domain=TD,
                                       entries_path=str(work / "entries.json"),
@@ -399,8 +350,9 @@ async def measure(work: Path, files_root: Path, rotations: int,
         await _wait("the agent's SDS socket", (work / "sds.sock").exists, agent.check)
 
         sds_dir = work / "envoy-sds"
+        as_envoy_uid = setpriv_wrapper(sds_dir, envoy_binary(), ENVOY_UID)
         by_name = {"sds": EnvoyProcess(sds_bootstrap(work / "sds.sock"), sds_dir,
-                                       binary=_as_envoy_uid(sds_dir), **trace)}
+                                       binary=as_envoy_uid, **trace)}
         for mode in FILE_MODES:
             by_name[mode] = EnvoyProcess(file_bootstrap(files_root / mode),
                                          work / f"envoy-{mode}", **trace)
@@ -429,7 +381,7 @@ async def measure(work: Path, files_root: Path, rotations: int,
         issued: dict[int, float] = {}
         walls: list[tuple[float, float]] = []
         rng = random.Random(10)
-        cpu_before = {c.name: cpu_seconds(c) for c in (agent, *helpers.values())}
+        cpu_before = {c.name: cpu_seconds(c.pid) for c in (agent, *helpers.values())}
         started = time.monotonic()
         for _ in range(rotations):
             await asyncio.sleep(rng.uniform(0.05, 0.12))  # let the last rotation settle
@@ -445,7 +397,7 @@ async def measure(work: Path, files_root: Path, rotations: int,
                 else:
                     seen[name].latencies_ms.append((float(when) - issued_at) * 1000)
         seconds = time.monotonic() - started
-        cpu = {name: (cpu_seconds(c) - cpu_before[c.name]) * 1000 / rotations
+        cpu = {name: (cpu_seconds(c.pid) - cpu_before[c.name]) * 1000 / rotations
                for name, c in (("agent", agent), *helpers.items())}
         for name, mean in zip(TIMED, await _ask(poller, "stats", "stats"), strict=True):
             seen[name].mean_poll_ms = float(mean)

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +13,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devspire import DevSpire, DevSpireSettings
-from bench.procstack import stop_process
+from tests.reliability.endurance_support import AgentProcess
 
 TD = "example.org"
 DELEGATE = f"spiffe://{TD}/spiffe-delegate"
@@ -83,59 +79,13 @@ async def start_floor(socket: Path) -> grpc.aio.Server:
     return server
 
 
-@dataclass
-class AgentChild:
-    """``spiffe-delegate run`` as a child process (its RSS and CPU are its own).
-
-    ``args`` are the options after ``run``; its log goes to ``log_path``; its metrics are
-    served on ``metrics_port``. ``prelude``: Python run in it before the agent starts."""
-
-    args: Sequence[str]
-    log_path: Path
-    metrics_port: int
-    prelude: str | None = None
-    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
-
-    def start(self) -> None:
-        options = [*self.args, "--metrics-address", f"127.0.0.1:{self.metrics_port}"]
-        if self.prelude is None:
-            command = [sys.executable, "-m", "agent", "run", *options]
-        else:
-            code = (self.prelude + "\nimport sys\nfrom agent.cli import main\n"
-                    "sys.argv = ['spiffe-delegate', *sys.argv[1:]]\nsys.exit(main())\n")
-            command = [sys.executable, "-c", code, "run", *options]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "the agent was not started"
-        return self.process.pid
-
-    def check_alive(self) -> None:
-        assert self.process is not None, "the agent was not started"
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the agent exited with status {self.process.returncode}"
-                               + self.log_tail())
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n--- agent log (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+class AgentChild(AgentProcess):
+    """``spiffe-delegate run`` as a child process (its RSS and CPU are its own): the
+    endurance suite's :class:`AgentProcess`, plus sums of the agent's metrics."""
 
     def metric_sum(self, name: str) -> float:
         """The sum of every sample of metric ``name`` (all labels), from one scrape."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text)
+        return sum(sample.value
+                   for family in text_string_to_metric_families(self.metrics_text())
                    for sample in family.samples if sample.name == name)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``. Idempotent."""
-        stop_process(self.process, timeout)
 

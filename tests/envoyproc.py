@@ -115,6 +115,23 @@ def _write_config(config: Path | str | Mapping[str, Any], workdir: Path, stem: s
 
 # --- the process ------------------------------------------------------------------------
 
+def stop_process(process: subprocess.Popen[Any] | None, timeout: float) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout``; the exit status (None if never started).
+    Idempotent."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(timeout)
+    return process.returncode
+
+
 class EnvoyStartError(AssertionError):
     """Envoy exited or never became ready; the message carries its log tail."""
 
@@ -247,19 +264,7 @@ class EnvoyProcess:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status. Idempotent."""
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait(timeout)
-        return process.returncode
+        return stop_process(self.process, timeout)
 
     def __enter__(self) -> EnvoyProcess:
         if self.process is None:

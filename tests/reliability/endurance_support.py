@@ -16,7 +16,6 @@ moment: a stale, missing or wrong pod certificate fails a request.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import shlex
@@ -33,7 +32,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.envoyproc import sds_config_source
+from tests.envoyproc import sds_config_source, stop_process
 from tests.sds_server.clients import SotwClient
 
 __all__ = [
@@ -178,19 +177,7 @@ class AgentProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status. Idempotent."""
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait(timeout)
-        return process.returncode
+        return stop_process(self.process, timeout)
 
 
 # Run in the agent's process by the test that shows the checks can fail: every new cache
